@@ -1,0 +1,33 @@
+"""Shared fixtures: one tiny Qwen-Image folder per test session, built offline, loaded like a real checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    from verl_diffusion_rollout.testing import make_tiny_qwenimage
+
+    return make_tiny_qwenimage(tmp_path_factory.mktemp("models") / "tiny-qwenimage")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_path):
+    """A float32 CPU engine shared by read-only tests (tests that sync weights build their own)."""
+    from verl_diffusion_rollout.engines import DiffusersEngine
+
+    return DiffusersEngine(tiny_model_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def small_sampling():
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+
+    return DiffusionSamplingConfig(height=64, width=64, num_steps=4, guidance_scale=4.0, noise_level=0.7)

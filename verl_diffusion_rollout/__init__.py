@@ -1,0 +1,7 @@
+"""verl_diffusion_rollout: a diffusion rollout backend for verl.
+
+Importing the package registers the ``diffusion`` rollout with verl (see :mod:`.registration`); verl also
+imports it by itself through its ``verl.plugins`` entry point.
+"""
+
+__version__ = "0.1.0"

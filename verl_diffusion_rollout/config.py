@@ -1,0 +1,312 @@
+"""Configuration dataclasses: sampling, rollout and model, registered in Hydra's ConfigStore.
+
+All three derive from verl's ``BaseConfig`` (dict-like, frozen after construction), and the rollout and model
+configs from verl's own ``RolloutConfig`` and ``HFModelConfig``, so every verl code path that reads those keeps
+working. Invalid values raise ``ValueError`` naming the key, at construction time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from verl.base_config import BaseConfig
+from verl.workers.config import HFModelConfig, RolloutConfig
+
+from .sde import SDE_TYPES
+
+__all__ = [
+    "DiffusionSamplingConfig",
+    "LoRASyncConfig",
+    "DiffusionRolloutConfig",
+    "DiffusionModelConfig",
+    "QWEN_IMAGE_ATTENTION_MODULES",
+    "register_configs",
+]
+
+# The 8 attention projections of a Qwen-Image double-stream block (image and text streams).
+QWEN_IMAGE_ATTENTION_MODULES: list[str] = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to plain Python lists/dicts (configs arrive from Hydra as DictConfig/ListConfig)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _set(obj: BaseConfig, name: str, value: Any) -> None:
+    """Normalize a field inside ``__post_init__`` (verl's BaseConfig freezes fields once set)."""
+    object.__setattr__(obj, name, value)
+
+
+@dataclass
+class DiffusionSamplingConfig(BaseConfig):
+    """How one rollout batch is sampled.
+
+    Attributes:
+        height, width: image size in pixels (multiples of the VAE factor times 2; 16 for Qwen-Image).
+        num_steps: number of denoising steps ``T``.
+        guidance_scale: true classifier-free guidance scale; 1.0 turns CFG off.
+        negative_prompt: the negative prompt used when ``guidance_scale > 1``.
+        sde_type: ``"sde"``, ``"cps"`` or ``"ode"``.
+        noise_level: ``eta`` of the stochastic steps.
+        sde_window: explicit step indices that are stochastic; ``None`` uses ``sde_window_size``.
+        sde_window_size: when > 0 and ``sde_window`` is None, this many consecutive stochastic steps starting at a
+            random index drawn from ``sde_window_range`` (FlowGRPO's window); 0 means every step but the last.
+        sde_window_range: ``[lo, hi]``: the window lies inside steps ``lo .. hi - 1``.
+        log_prob_no_const: drop the Gaussian constants from log-probs; ``None`` follows FlowGRPO per sde_type.
+        return_debug: also return ``prev_sample_mean``, ``noise_std``, ``variance_noise``, ``model_output``.
+        max_sequence_length: prompt tokens kept after the chat template (Qwen-Image: at most 1024).
+        batch_cfg: run the conditional and unconditional passes in one batched forward.
+    """
+
+    height: int = 512
+    width: int = 512
+    num_steps: int = 10
+    guidance_scale: float = 4.0
+    negative_prompt: str = " "
+    sde_type: str = "sde"
+    noise_level: float = 0.7
+    sde_window: Optional[list[int]] = None
+    sde_window_size: int = 0
+    sde_window_range: Optional[list[int]] = None
+    log_prob_no_const: Optional[bool] = None
+    return_debug: bool = False
+    max_sequence_length: int = 512
+    batch_cfg: bool = True
+
+    def __post_init__(self) -> None:
+        prefix = "sampling."
+        for name in ("height", "width", "num_steps", "sde_window_size", "max_sequence_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"{prefix}height and {prefix}width must be >= 1, got {self.height}x{self.width}")
+        if self.num_steps < 1:
+            raise ValueError(f"{prefix}num_steps must be >= 1, got {self.num_steps}")
+        if self.sde_type not in SDE_TYPES:
+            raise ValueError(f"{prefix}sde_type must be one of {list(SDE_TYPES)}, got {self.sde_type!r}")
+        if not math.isfinite(self.noise_level) or self.noise_level < 0:
+            raise ValueError(f"{prefix}noise_level must be finite and >= 0, got {self.noise_level}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
+            raise ValueError(f"{prefix}guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
+        if not 1 <= self.max_sequence_length <= 1024:
+            raise ValueError(f"{prefix}max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"{prefix}negative_prompt must be a string, got {self.negative_prompt!r}")
+        window = _plain(self.sde_window)
+        if window is not None:
+            window = sorted({int(i) for i in window})
+            if not window or window[0] < 0 or window[-1] >= self.num_steps:
+                raise ValueError(
+                    f"{prefix}sde_window must be non-empty step indices in 0..{self.num_steps - 1}, "
+                    f"got {self.sde_window!r}"
+                )
+            _set(self, "sde_window", window)
+        if self.sde_window_size < 0 or self.sde_window_size > self.num_steps:
+            raise ValueError(f"{prefix}sde_window_size must be in 0..{self.num_steps}, got {self.sde_window_size}")
+        window_range = _plain(self.sde_window_range)
+        if window_range is not None:
+            window_range = [int(i) for i in window_range]
+            if len(window_range) != 2 or not 0 <= window_range[0] < window_range[1] <= self.num_steps:
+                raise ValueError(
+                    f"{prefix}sde_window_range must be [lo, hi] with 0 <= lo < hi <= {self.num_steps}, "
+                    f"got {self.sde_window_range!r}"
+                )
+            if self.sde_window_size > window_range[1] - window_range[0]:
+                raise ValueError(
+                    f"{prefix}sde_window_size {self.sde_window_size} does not fit in sde_window_range {window_range}"
+                )
+            _set(self, "sde_window_range", window_range)
+
+    def replace(self, **overrides: Any) -> DiffusionSamplingConfig:
+        """A validated copy with some fields changed; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling keys {unknown}; known keys: {sorted(known - {'_target_'})}")
+        return replace(self, **overrides)
+
+    def stochastic_steps(self, window_seed: int = 0) -> list[int]:
+        """Indices of the steps sampled stochastically (empty for ``sde_type == "ode"``).
+
+        Explicit ``sde_window`` wins; else a ``sde_window_size`` window whose start is drawn from
+        ``sde_window_range`` with ``random.Random(window_seed)``; else every step but the last (the last step lands
+        on the clean image, where the Gaussian is too peaked to train on), or step 0 when ``num_steps == 1``.
+        """
+        if self.sde_type == "ode":
+            return []
+        if self.sde_window is not None:
+            return list(self.sde_window)
+        if self.sde_window_size > 0:
+            lo, hi = self.sde_window_range or [0, self.num_steps]
+            start = random.Random(window_seed).randint(lo, hi - self.sde_window_size)
+            return list(range(start, start + self.sde_window_size))
+        return list(range(max(self.num_steps - 1, 1)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (for ``meta_info`` and JSON)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_target_"}
+
+
+@dataclass
+class LoRASyncConfig(BaseConfig):
+    """The LoRA the rollout expects from the trainer when ``update_weights`` brings no peft config.
+
+    Attributes:
+        rank: LoRA rank ``r``; 0 means the rollout receives full weights.
+        alpha: LoRA alpha; the update is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with rslora).
+        target_modules: module-name suffixes the LoRA wraps (peft semantics).
+        use_rslora: rank-stabilised scaling.
+        merge: merge the LoRA into the base weights for sampling (re-derived from a kept base copy at every sync,
+            so it never drifts); ``False`` keeps peft LoRA layers unmerged (slower sampling, identical kernels
+            to a peft trainer).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(QWEN_IMAGE_ATTENTION_MODULES))
+    use_rslora: bool = False
+    merge: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"lora.rank must be an int >= 0, got {self.rank!r}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        modules = _plain(self.target_modules)
+        if isinstance(modules, str):
+            modules = [modules]
+        if not modules or not all(isinstance(m, str) and m for m in modules):
+            raise ValueError(f"lora.target_modules must be a non-empty list of names, got {self.target_modules!r}")
+        _set(self, "target_modules", list(modules))
+
+
+ENGINES: tuple[str, ...] = ("diffusers", "vllm_omni")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DiffusionRolloutConfig(RolloutConfig):
+    """verl's ``RolloutConfig`` plus what a diffusion rollout needs (``actor_rollout_ref.rollout``).
+
+    Attributes (beyond verl's):
+        engine: ``"diffusers"`` (embedded, CPU and GPU) or ``"vllm_omni"`` (optional, GPU).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+        sampling: the default :class:`DiffusionSamplingConfig`; a batch may override fields in ``meta_info``.
+        lora: the LoRA the trainer syncs (see :class:`LoRASyncConfig`).
+        progress_bar: show diffusers' per-step progress bar while sampling.
+        compile: ``torch.compile`` the transformer blocks (regional compile; GPU).
+        server_host, server_port: where the HTTP rollout server of a replica listens (port 0: any free port).
+    """
+
+    name: Optional[str] = "diffusion"
+    tensor_model_parallel_size: int = 1
+    dtype: str = "bfloat16"
+    engine: str = "diffusers"
+    device: Optional[str] = None
+    sampling: DiffusionSamplingConfig = field(default_factory=DiffusionSamplingConfig)
+    lora: LoRASyncConfig = field(default_factory=LoRASyncConfig)
+    progress_bar: bool = False
+    compile: bool = False
+    server_host: str = "127.0.0.1"
+    server_port: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"rollout.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.n < 1:
+            raise ValueError(f"rollout.n must be >= 1, got {self.n}")
+        for name, cls in (("sampling", DiffusionSamplingConfig), ("lora", LoRASyncConfig)):
+            value = getattr(self, name)
+            if isinstance(value, (dict, DictConfig)):
+                value = _plain(value)
+                value.pop("_target_", None)
+                try:
+                    value = cls(**value)
+                except TypeError as err:  # unknown key
+                    raise ValueError(f"rollout.{name}: {err}") from err
+                _set(self, name, value)
+            elif not isinstance(value, cls):
+                raise ValueError(f"rollout.{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+@dataclass
+class DiffusionModelConfig(HFModelConfig):
+    """verl's model config for a diffusers checkpoint folder (``actor_rollout_ref.model``).
+
+    verl's ``HFModelConfig`` loads a transformers ``config.json`` and tokenizer from ``path``; a diffusers folder has
+    a ``model_index.json`` instead. This subclass reads that index (``hf_config`` holds it as a dict and
+    ``architectures`` the pipeline class), loads the tokenizer from its ``tokenizer/`` subfolder, and keeps every
+    other field (LoRA rank/alpha/target modules...) with verl's meaning.
+    """
+
+    target_modules: Optional[Any] = field(default_factory=lambda: list(QWEN_IMAGE_ATTENTION_MODULES))
+    lora_alpha: int = 64
+    # Components actually used from the folder, checked at load time.
+    pipeline_class: Optional[str] = None
+
+    _mutable_fields = HFModelConfig._mutable_fields | {"pipeline_class", "share_embeddings_and_output_weights"}
+
+    def __post_init__(self) -> None:
+        from verl.utils.fs import copy_to_local
+        from verl.utils.import_utils import import_external_libs
+
+        import_external_libs(self.external_lib)
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"model.path must be a diffusers model folder, got {self.path!r}")
+        self.local_path = copy_to_local(self.path, use_shm=self.use_shm)
+        index_path = os.path.join(self.local_path, "model_index.json")
+        if not os.path.isfile(index_path):
+            raise ValueError(
+                f"model.path {self.path!r} is not a diffusers model folder (no model_index.json in {self.local_path!r})"
+            )
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        self.hf_config = index
+        self.hf_config_path = self.path
+        self.local_hf_config_path = self.local_path
+        self.architectures = [index.get("_class_name", "DiffusionPipeline")]
+        self.pipeline_class = self.architectures[0]
+        self.share_embeddings_and_output_weights = False
+        tokenizer_dir = os.path.join(self.local_path, "tokenizer")
+        if self.load_tokenizer and os.path.isdir(tokenizer_dir):
+            from transformers import AutoTokenizer
+
+            self.tokenizer_path = tokenizer_dir
+            self.local_tokenizer_path = tokenizer_dir
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=self.trust_remote_code)
+        if self.target_modules is not None:
+            modules = _plain(self.target_modules)
+            if not isinstance(modules, (str, list)):
+                raise ValueError(f"model.target_modules must be a string or a list, got {type(modules).__name__}")
+            _set(self, "target_modules", modules)
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore (group ``rollout``: ``diffusion_schema``...). Idempotent."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(group="rollout", name="diffusion_schema", node=DiffusionRolloutConfig)
+    cs.store(group="model", name="diffusion_model_schema", node=DiffusionModelConfig)
+    cs.store(group="sampling", name="diffusion_sampling_schema", node=DiffusionSamplingConfig)

@@ -1,0 +1,139 @@
+"""The ``DiffusionEngine`` interface every engine implements, and the request handling they share."""
+
+from __future__ import annotations
+
+import random
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import DiffusionSamplingConfig
+from ..contract import RolloutBatch
+
+__all__ = ["DiffusionEngine", "GroupRequest", "expand_group_request", "ReadWriteLock", "MAX_SEED"]
+
+MAX_SEED = 2**31 - 1  # seeds stay exact in JSON and fit every generator
+
+
+@dataclass
+class GroupRequest:
+    """A request expanded to one entry per sample: prompt ``i`` repeated ``n`` times, consecutively."""
+
+    prompts: list[str]
+    seeds: list[int]
+    n: int
+
+
+def expand_group_request(
+    prompts: Sequence[str], seeds: Sequence[int] | None, n: int, rng: random.Random
+) -> GroupRequest:
+    """Validate ``prompts``/``seeds``/``n`` and expand them to per-sample lists.
+
+    ``seeds``, when given, has one entry per sample (``len(prompts) * n``); otherwise fresh seeds are drawn from
+    ``rng`` (the engine's seeded generator, so runs are reproducible and successive calls differ).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of strings, got an empty list")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
+    total = len(prompts) * n
+    if seeds is None:
+        seeds = [rng.randint(0, MAX_SEED) for _ in range(total)]
+    else:
+        seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
+        if len(seeds) != total:
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x n={n}; pass {total} seeds")
+        out_of_range = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if out_of_range:
+            raise ValueError(f"seeds must be in 0..{MAX_SEED}, got {out_of_range[0]}")
+    return GroupRequest(prompts=[p for p in prompts for _ in range(n)], seeds=seeds, n=n)
+
+
+class ReadWriteLock:
+    """Many concurrent readers (generations) or one writer (weight sync, sleep), never both."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class DiffusionEngine(ABC):
+    """A diffusion model serving rollouts.
+
+    Engines are thread-safe: generations may run concurrently; a weight update or a sleep waits for them and
+    blocks new ones until it is done, so every rollout sees one complete set of weights, reported as
+    ``RolloutBatch.weight_version``.
+    """
+
+    @property
+    @abstractmethod
+    def weight_version(self) -> int:
+        """Incremented by every successful weight update; 0 for the weights loaded at start."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        sampling: DiffusionSamplingConfig | None = None,
+        n: int = 1,
+        window_seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` images per prompt (``len(prompts) * n`` samples, grouped by prompt)."""
+
+    @abstractmethod
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:
+        """Apply a LoRA or full-weight update atomically; returns the new weight version."""
+
+    @abstractmethod
+    def sleep(self) -> None:
+        """Release accelerator memory held by the weights (generation raises until :meth:`wake_up`)."""
+
+    @abstractmethod
+    def wake_up(self) -> None:
+        """Bring the weights back; generation afterwards is bit-identical to before :meth:`sleep`."""
+
+    @property
+    def is_sleeping(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Free everything the engine holds."""

@@ -1,0 +1,232 @@
+"""``DiffusersEngine``: the embedded default engine, a diffusers log-prob pipeline in this process (CPU or GPU)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..config import DiffusionSamplingConfig, LoRASyncConfig
+from ..contract import RolloutBatch
+from ..lora_sync import (
+    AdapterLoRA,
+    FullWeightSync,
+    LoRASpec,
+    MergedLoRA,
+    WeightUpdateError,
+    is_lora_name,
+    iter_with_first,
+    to_lora_config,
+)
+from ..pipelines import get_pipeline_class, pipeline_class_name
+from ..scheduler import FlowMatchSDEDiscreteScheduler
+from .base import DiffusionEngine, ReadWriteLock, expand_group_request
+
+__all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16`` (float32, bfloat16 and float16 accepted)."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return resolved
+
+
+def _lora_key(lora_config: Any) -> tuple:
+    targets = lora_config.target_modules
+    targets = tuple(sorted(targets)) if isinstance(targets, (set, list, tuple)) else targets
+    return (lora_config.r, float(lora_config.lora_alpha), targets, bool(lora_config.use_rslora))
+
+
+class DiffusersEngine(DiffusionEngine):
+    """Loads a diffusers checkpoint folder and serves rollouts from it.
+
+    Args:
+        model_path: a diffusers folder (``model_index.json`` at its root), e.g. ``Qwen/Qwen-Image`` downloaded.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when available.
+        dtype: weights' dtype (``torch.float32`` by default; ``torch.bfloat16`` on GPUs).
+        seed: seeds the engine's generator of per-sample seeds when a request brings none.
+        lora: the LoRA expected from the trainer when ``update_weights`` gets no ``peft_config``.
+        progress_bar: show the per-step progress bar while sampling.
+        compile: ``torch.compile`` each transformer block (regional compilation, GPU).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        *,
+        seed: int = 0,
+        lora: LoRASyncConfig | None = None,
+        progress_bar: bool = False,
+        compile: bool = False,
+    ):
+        self.model_path = str(model_path)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        pipeline_cls = get_pipeline_class(pipeline_class_name(self.model_path))
+        pipe = pipeline_cls.from_pretrained(self.model_path, dtype=self.dtype)
+        pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=not progress_bar)
+        self.pipe = pipe.to(self.device)
+        for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            module.eval().requires_grad_(False)
+        if compile:
+            for block in pipe.transformer.transformer_blocks:
+                block.compile()
+        self.lora_defaults = lora or LoRASyncConfig()
+        self._rng = random.Random(seed)
+        self._lock = ReadWriteLock()
+        self._version = 0
+        self._lora: MergedLoRA | AdapterLoRA | None = None
+        self._lora_key: tuple | None = None
+        self._full: FullWeightSync | None = None
+        self._sleeping = False
+        self.last_sync_s: float | None = None
+
+    # -- DiffusionEngine ------------------------------------------------------------------------------------------
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        sampling: DiffusionSamplingConfig | None = None,
+        n: int = 1,
+        window_seed: int | None = None,
+    ) -> RolloutBatch:
+        """Sample ``n`` images per prompt; see :class:`~verl_diffusion_rollout.contract.RolloutBatch`."""
+        request = expand_group_request(prompts, seeds, n, self._rng)
+        sampling = sampling or DiffusionSamplingConfig()
+        if not isinstance(sampling, DiffusionSamplingConfig):
+            raise ValueError(f"sampling must be a DiffusionSamplingConfig, got {type(sampling).__name__}")
+        with self._lock.read():
+            if self._sleeping:
+                raise RuntimeError("the engine is asleep (weights released); call wake_up() before generate()")
+            batch = self.pipe(request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed)
+            batch.weight_version = self._version
+        return batch
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:
+        """Apply a LoRA (names with ``lora_A``/``lora_B``) or a full-weight update, all or nothing.
+
+        The first LoRA sync creates the adapter from ``peft_config`` (a peft ``LoraConfig`` or dict; verl passes
+        the trainer's) or from the engine's ``lora`` defaults. Raises :class:`WeightUpdateError` naming the
+        offending tensor; on any error the weights and ``weight_version`` stay as they were.
+        """
+        start = time.perf_counter()
+        with self._lock.write():
+            first, stream = iter_with_first(weights)
+            if first is None:
+                raise WeightUpdateError("empty weight update: the generator yielded no tensors")
+            if isinstance(first, tuple) and len(first) == 2 and is_lora_name(str(first[0])):
+                self._apply_lora(stream, peft_config)
+            else:
+                self._apply_full(stream)
+            self._version += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self.last_sync_s = time.perf_counter() - start
+        return self._version
+
+    def _apply_lora(self, stream: Iterable, peft_config: Any) -> None:
+        transformer = self.pipe.transformer
+        lora_config = to_lora_config(peft_config, self.lora_defaults)
+        key = _lora_key(lora_config)
+        if self._lora is not None and key == self._lora_key:
+            lora = self._lora
+            staged = lora.stage(stream)
+            written = lora.commit()
+        elif self.lora_defaults.merge:
+            spec = LoRASpec.from_model(transformer, lora_config)
+            base = self._lora.base if isinstance(self._lora, MergedLoRA) else None
+            lora = MergedLoRA(transformer, spec, base_weights=base)
+            staged = lora.stage(stream)
+            if self._lora is not None:
+                self._lora.restore()
+            written = lora.commit()
+        else:
+            if self._lora is not None:
+                raise WeightUpdateError(
+                    f"the LoRA config changed ({self._lora_key} -> {key}); unmerged adapters cannot be re-created "
+                    "in place: restart the rollout or use rollout.lora.merge=true"
+                )
+            spec = LoRASpec.from_model(transformer, lora_config)
+            lora = AdapterLoRA(transformer, spec, lora_config)
+            staged = lora.stage(stream)
+            written = lora.commit()
+        # Every module the update names must have been written: an adapter bound to fewer modules than it
+        # carries would silently train nothing.
+        if 2 * written != staged:
+            raise RuntimeError(f"LoRA sync wrote {written} modules for {staged} tensors ({staged // 2} modules)")
+        self._lora, self._lora_key, self._full = lora, key, None
+
+    def _apply_full(self, stream: Iterable) -> None:
+        if self._full is None:
+            self._full = FullWeightSync(self.pipe.transformer, self._lora)
+        staged = self._full.stage(stream)
+        self._full.commit(staged)
+
+    def sleep(self) -> None:
+        """Move every weight (and LoRA bookkeeping) to the CPU and free the accelerator memory."""
+        with self._lock.write():
+            if self._sleeping:
+                return
+            if self.device.type != "cpu":
+                self._move_to(torch.device("cpu"))
+                torch.cuda.empty_cache()
+            self._sleeping = True
+
+    def wake_up(self) -> None:
+        """Bring the weights back to the engine's device."""
+        with self._lock.write():
+            if not self._sleeping:
+                return
+            if self.device.type != "cpu":
+                self._move_to(self.device)
+            self._sleeping = False
+
+    def _move_to(self, device: torch.device) -> None:
+        self.pipe.to(device)
+        if self._lora is not None:
+            self._lora.to(device)
+
+    def close(self) -> None:
+        with self._lock.write():
+            self._lora = None
+            self._full = None
+            self.pipe = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,380 @@
+"""In-memory weight sync from the trainer to the rollout's transformer: LoRA or full weights.
+
+Every sync goes validate -> stage -> commit:
+
+1. **validate + stage**: each ``(name, tensor)`` of the trainer's generator is checked (known name, shape,
+   floating dtype) and copied into pre-allocated staging memory (the trainer may reuse its buffers between
+   yields, so nothing is kept by reference); then the whole update is checked for missing names and NaN/Inf.
+   Any failure raises :class:`WeightUpdateError` naming the offending tensor, and the model is untouched.
+2. **commit**: the staged values are written in place into memory allocated once at the first sync.
+
+LoRA is applied in one of two ways (``LoRASyncConfig.merge``):
+
+* :class:`MergedLoRA` (default): ``W = W_base + scale * B @ A`` written into the base weights, re-derived from a
+  kept copy of ``W_base`` at every sync, so hundreds of syncs never drift and sampling runs at the speed of the
+  plain model. Memory: one extra copy of every targeted weight.
+* :class:`AdapterLoRA`: peft LoRA layers injected into the transformer (unmerged); a sync copies ``lora_A`` /
+  ``lora_B`` in place. Sampling pays the LoRA matmuls, but runs the same kernels as a peft trainer.
+
+Names are accepted as peft writes them (``get_peft_model_state_dict`` or ``named_parameters``), with or without
+the ``base_model.model.`` / ``transformer.`` prefixes and the adapter name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "WeightUpdateError",
+    "LoRASpec",
+    "MergedLoRA",
+    "AdapterLoRA",
+    "FullWeightSync",
+    "canonical_name",
+    "is_lora_name",
+    "to_lora_config",
+]
+
+_PREFIXES = ("base_model.model.", "transformer.")
+_ADAPTER_INFIX = re.compile(r"\.(lora_A|lora_B)\.(?!weight$)[^.]+\.weight$")
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was rejected before anything was written; the message names the offending tensor."""
+
+
+def canonical_name(name: str) -> str:
+    """``base_model.model.transformer_blocks.0.attn.to_q.lora_A.default.weight`` -> ``transformer_blocks.0.attn.to_q.lora_A.weight``.
+
+    Also strips a ``transformer.`` prefix and peft's ``.base_layer`` wrapper (full weights of a peft model).
+    """
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    name = _ADAPTER_INFIX.sub(r".\1.weight", name)
+    return name.replace(".base_layer.", ".")
+
+
+def is_lora_name(name: str) -> bool:
+    """Whether a tensor name is a LoRA factor (``lora_A`` / ``lora_B``)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def to_lora_config(peft_config: Any, default: Any = None):
+    """A peft ``LoraConfig`` from a ``LoraConfig``, a dict (``LoraConfig.to_dict()`` or our keys) or a
+    :class:`~verl_diffusion_rollout.config.LoRASyncConfig`; ``None`` falls back to ``default``."""
+    from peft import LoraConfig
+
+    from .config import LoRASyncConfig
+
+    cfg = peft_config if peft_config is not None else default
+    if cfg is None:
+        raise WeightUpdateError(
+            "a LoRA update needs its config: pass peft_config= to update_weights or set rollout.lora.rank > 0"
+        )
+    if isinstance(cfg, LoraConfig):
+        return cfg
+    if isinstance(cfg, LoRASyncConfig):
+        if cfg.rank <= 0:
+            raise WeightUpdateError("rollout.lora.rank is 0; pass peft_config= with the trainer's LoRA config")
+        return LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), use_rslora=cfg.use_rslora
+        )
+    if isinstance(cfg, dict):
+        d = dict(cfg)
+        r = d.get("r", d.get("rank", d.get("lora_rank")))
+        alpha = d.get("lora_alpha", d.get("alpha"))
+        targets = d.get("target_modules")
+        if r is None or alpha is None or targets is None:
+            raise WeightUpdateError(f"peft_config needs r, lora_alpha and target_modules, got keys {sorted(d)}")
+        if isinstance(targets, (set, tuple)):
+            targets = sorted(targets)
+        return LoraConfig(r=int(r), lora_alpha=alpha, target_modules=targets, use_rslora=bool(d.get("use_rslora", False)))
+    raise WeightUpdateError(f"unsupported peft_config type {type(cfg).__name__}")
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """The LoRA a transformer expects, derived once from a peft config.
+
+    Attributes:
+        rank: LoRA rank ``r``.
+        scale: ``alpha / r`` (``alpha / sqrt(r)`` with rslora).
+        modules: names of the ``nn.Linear`` modules the LoRA wraps, in model order.
+        shapes: ``{"<module>.lora_A.weight": (r, in), "<module>.lora_B.weight": (out, r)}``.
+    """
+
+    rank: int
+    scale: float
+    modules: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    target_modules: Any
+
+    @classmethod
+    def from_model(cls, model: nn.Module, lora_config: Any) -> LoRASpec:
+        """Match ``lora_config.target_modules`` against ``model`` with peft's own matching rules."""
+        from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+        lora_config = _maybe_include_all_linear_layers(lora_config, model)
+        modules, shapes = [], {}
+        for name, module in model.named_modules():
+            if not name or not isinstance(module, nn.Linear) or not check_target_module_exists(lora_config, name):
+                continue
+            modules.append(name)
+            shapes[f"{name}.lora_A.weight"] = (lora_config.r, module.in_features)
+            shapes[f"{name}.lora_B.weight"] = (module.out_features, lora_config.r)
+        if not modules:
+            raise WeightUpdateError(
+                f"LoRA target_modules {lora_config.target_modules!r} match no nn.Linear in {type(model).__name__}"
+            )
+        r = lora_config.r
+        scale = lora_config.lora_alpha / (r**0.5 if lora_config.use_rslora else r)
+        targets = lora_config.target_modules
+        targets = tuple(sorted(targets)) if isinstance(targets, (set, list, tuple)) else targets
+        return cls(rank=r, scale=float(scale), modules=tuple(modules), shapes=shapes, target_modules=targets)
+
+
+class _FlatBuffer:
+    """One contiguous allocation holding many named tensors (views), so a whole update is checked in one kernel."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device):
+        self.shapes = shapes
+        self._bind(torch.zeros(sum(_numel(s) for s in shapes.values()), dtype=dtype, device=device))
+
+    def _bind(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+        self.views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            n = _numel(shape)
+            self.views[name] = flat[offset : offset + n].view(shape)
+            offset += n
+
+    def to(self, device: torch.device) -> None:
+        self._bind(self.flat.to(device))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _stage(weights: NamedTensors, shapes: dict[str, tuple[int, ...]], dest: dict[str, torch.Tensor]) -> int:
+    """Validate each named tensor and copy it into ``dest[name]``; raise on the first bad one or on missing names."""
+    seen: set[str] = set()
+    for item in weights:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise WeightUpdateError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}")
+        name, tensor = item
+        key = canonical_name(name)
+        if key not in shapes:
+            raise WeightUpdateError(f"unknown weight {name!r} (as {key!r}); the rollout model has no such tensor")
+        if key in seen:
+            raise WeightUpdateError(f"weight {name!r} appears twice in one update")
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightUpdateError(f"weight {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        if tuple(tensor.shape) != tuple(shapes[key]):
+            raise WeightUpdateError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shapes[key])}"
+            )
+        if not tensor.dtype.is_floating_point:
+            raise WeightUpdateError(f"weight {name!r} has dtype {tensor.dtype}, which cannot be cast to {dest[key].dtype}")
+        dest[key].copy_(tensor)
+        seen.add(key)
+    missing = [k for k in shapes if k not in seen]
+    if missing:
+        raise WeightUpdateError(
+            f"update is missing {len(missing)} of {len(shapes)} weights, e.g. {missing[:3]}; nothing was applied"
+        )
+    return len(seen)
+
+
+def _check_finite(views: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> None:
+    """One reduction over the staged update; only on failure are tensors scanned one by one for the name."""
+    tensors = [flat] if flat is not None else list(views.values())
+    if all(bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    bad = next(name for name, v in views.items() if not bool(torch.isfinite(v).all()))
+    raise WeightUpdateError(f"weight {bad!r} contains NaN or Inf; nothing was applied")
+
+
+def _single_placement(layers: dict[str, nn.Linear]) -> tuple[torch.dtype, torch.device]:
+    placements = {(layer.weight.dtype, layer.weight.device) for layer in layers.values()}
+    if len(placements) != 1:
+        raise WeightUpdateError(f"LoRA target weights span several dtypes/devices {sorted(map(str, placements))}")
+    return next(iter(placements))
+
+
+class MergedLoRA:
+    """LoRA merged into the base weights, re-derived from kept base copies at every commit (no drift)."""
+
+    def __init__(self, model: nn.Module, spec: LoRASpec, base_weights: dict[str, torch.Tensor] | None = None):
+        """Allocate staging memory and keep the base weights; writes nothing to ``model``.
+
+        Args:
+            model: the transformer.
+            spec: the LoRA it receives.
+            base_weights: un-merged weights by module name, from a previous :class:`MergedLoRA` (whose merged
+                values are in the model); the others are copied from the model.
+        """
+        self.spec = spec
+        self.layers = {name: model.get_submodule(name) for name in spec.modules}
+        dtype, device = _single_placement(self.layers)
+        base_weights = base_weights or {}
+        self.base = {
+            name: base_weights[name] if name in base_weights else layer.weight.detach().clone()
+            for name, layer in self.layers.items()
+        }
+        self._pending = _FlatBuffer(spec.shapes, dtype, device)
+        self._current = _FlatBuffer(spec.shapes, dtype, device)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory held beyond the model: base copies and two staging buffers."""
+        base = sum(t.numel() * t.element_size() for t in self.base.values())
+        return base + 2 * self._pending.flat.numel() * self._pending.flat.element_size()
+
+    def stage(self, weights: NamedTensors) -> int:
+        """Validate ``weights`` into the pending buffer; returns the number of tensors. Model untouched."""
+        count = _stage(weights, self.spec.shapes, self._pending.views)
+        _check_finite(self._pending.views, self._pending.flat)
+        return count
+
+    def commit(self) -> int:
+        """Merge the staged LoRA into the weights; returns the number of modules written."""
+        written = self._merge(self._pending.views)
+        self._pending, self._current = self._current, self._pending
+        return written
+
+    def _merge(self, views: dict[str, torch.Tensor]) -> int:
+        written = 0
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                a = views[f"{name}.lora_A.weight"]
+                b = views[f"{name}.lora_B.weight"]
+                torch.addmm(self.base[name], b, a, alpha=self.spec.scale, out=layer.weight.data)
+                written += 1
+        return written
+
+    def restore(self) -> None:
+        """Put the base weights back (the LoRA is removed)."""
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                layer.weight.data.copy_(self.base[name])
+
+    def to(self, device: torch.device) -> None:
+        """Move the base copies and buffers (with the engine's weights, for sleep/wake)."""
+        self.base = {name: t.to(device) for name, t in self.base.items()}
+        self._pending.to(device)
+        self._current.to(device)
+
+    def set_base(self, module: str, weight: torch.Tensor) -> None:
+        """Replace a module's base weight (full-weight sync of a LoRA-targeted layer) and re-merge it."""
+        with torch.no_grad():
+            self.base[module].copy_(weight)
+            layer = self.layers[module]
+            a = self._current.views[f"{module}.lora_A.weight"]
+            b = self._current.views[f"{module}.lora_B.weight"]
+            torch.addmm(self.base[module], b, a, alpha=self.spec.scale, out=layer.weight.data)
+
+
+class AdapterLoRA:
+    """LoRA as peft adapter layers in the transformer (unmerged); commits copy ``lora_A``/``lora_B`` in place."""
+
+    ADAPTER = "default"
+
+    def __init__(self, model: nn.Module, spec: LoRASpec, lora_config: Any):
+        from peft import inject_adapter_in_model
+
+        self.spec = spec
+        inject_adapter_in_model(lora_config, model, adapter_name=self.ADAPTER)
+        self.params: dict[str, torch.Tensor] = {}
+        for name in spec.modules:
+            layer = model.get_submodule(name)
+            layer.lora_B[self.ADAPTER].weight.data.zero_()
+            self.params[f"{name}.lora_A.weight"] = layer.lora_A[self.ADAPTER].weight
+            self.params[f"{name}.lora_B.weight"] = layer.lora_B[self.ADAPTER].weight
+        dtype, device = _single_placement({n: model.get_submodule(n) for n in spec.modules})
+        self._pending = _FlatBuffer(spec.shapes, dtype, device)
+        # peft keeps the base weight under `base_layer`; full-weight syncs address it by the plain name.
+        self.base_layers = {name: model.get_submodule(name).base_layer for name in spec.modules}
+
+    @property
+    def extra_bytes(self) -> int:
+        lora = sum(p.numel() * p.element_size() for p in self.params.values())
+        return lora + self._pending.flat.numel() * self._pending.flat.element_size()
+
+    def to(self, device: torch.device) -> None:
+        """The adapter weights move with the model; only the staging buffer is ours to move."""
+        self._pending.to(device)
+
+    def stage(self, weights: NamedTensors) -> int:
+        count = _stage(weights, self.spec.shapes, self._pending.views)
+        _check_finite(self._pending.views, self._pending.flat)
+        return count
+
+    def commit(self) -> int:
+        names = list(self.spec.shapes)
+        with torch.no_grad():
+            torch._foreach_copy_([self.params[n].data for n in names], [self._pending.views[n] for n in names])
+        return len(self.spec.modules)
+
+
+class FullWeightSync:
+    """Full (non-LoRA) weight updates: staged on the host, then copied in place into the parameters."""
+
+    def __init__(self, model: nn.Module, lora: MergedLoRA | AdapterLoRA | None = None):
+        self.model = model
+        self.lora = lora
+        self.params: dict[str, torch.Tensor] = {}
+        for name, param in model.named_parameters():
+            if is_lora_name(name):
+                continue
+            self.params[canonical_name(name)] = param
+        self.shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        self._staged: dict[str, torch.Tensor] | None = None
+
+    def stage(self, weights: NamedTensors) -> dict[str, torch.Tensor]:
+        """Validate and copy the update to host memory (one copy of the model on the CPU, allocated once)."""
+        if self._staged is None:
+            self._staged = {n: torch.empty(s, dtype=self.params[n].dtype) for n, s in self.shapes.items()}
+        _stage(weights, self.shapes, self._staged)
+        _check_finite(self._staged)
+        return self._staged
+
+    def commit(self, staged: dict[str, torch.Tensor]) -> int:
+        merged_modules = set(self.lora.spec.modules) if isinstance(self.lora, MergedLoRA) else set()
+        with torch.no_grad():
+            for name, value in staged.items():
+                module = name.rsplit(".", 1)[0]
+                if module in merged_modules and name.endswith(".weight"):
+                    self.lora.set_base(module, value.to(self.params[name].device))
+                else:
+                    self.params[name].data.copy_(value)
+        return len(staged)
+
+
+def iter_with_first(weights: NamedTensors) -> tuple[tuple[str, torch.Tensor] | None, Iterator]:
+    """Peek at the first item of a (possibly one-shot) generator; returns it and an iterator over everything."""
+    it = iter(weights)
+    first = next(it, None)
+    if first is None:
+        return None, iter(())
+
+    def chained():
+        yield first
+        yield from it
+
+    return first, chained()

@@ -1,0 +1,400 @@
+"""Qwen-Image log-prob pipeline: diffusers' ``QwenImagePipeline`` sampling with SDE/CPS/ODE steps for RL.
+
+``QwenImageLogProbPipeline`` is a ``QwenImagePipeline`` (same components, same ``from_pretrained``) whose
+``__call__`` returns a :class:`~verl_diffusion_rollout.contract.RolloutBatch`: images, the latent trajectory,
+per-step log-probs and the denoising environment a trainer needs to replay every step.
+
+:func:`predict_velocity` is the one place the transformer is called, by the rollout and by the trainer's replay
+(:mod:`verl_diffusion_rollout.trainer.replay`), so both see the same velocity for the same inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import QwenImagePipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+from ..config import DiffusionSamplingConfig
+from ..contract import RolloutBatch
+from ..scheduler import FlowMatchSDEDiscreteScheduler
+from ..sde import default_log_prob_no_const, randn_per_sample
+
+__all__ = ["QwenImageLogProbPipeline", "TextConditioning", "predict_velocity", "img_shapes_for"]
+
+
+def _transformer_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """diffusers passes no mask when every token is real (and the attention can take its fastest kernel)."""
+    return None if bool(mask.all()) else mask
+
+
+def _pad_to(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad ``[B, S, E]`` embeddings with zeros and ``[B, S]`` masks with 0 up to ``length`` tokens."""
+    pad = length - embeds.shape[1]
+    if pad == 0:
+        return embeds, mask
+    embeds = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
+    return embeds, mask
+
+
+@dataclass
+class TextConditioning:
+    """Text inputs of the transformer for one batch, prepared once and reused at every step.
+
+    With batched CFG, ``cond`` holds the conditional and unconditional embeddings concatenated on the batch
+    dimension (padded to one length) and ``uncond`` is None.
+    """
+
+    cond: torch.Tensor
+    cond_mask: torch.Tensor | None
+    uncond: torch.Tensor | None
+    uncond_mask: torch.Tensor | None
+    guidance_scale: float
+    batched_cfg: bool
+
+    @classmethod
+    def build(
+        cls,
+        prompt_embeds: torch.Tensor,
+        prompt_embeds_mask: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds_mask: torch.Tensor | None,
+        guidance_scale: float,
+        batch_cfg: bool,
+        dtype: torch.dtype,
+    ) -> TextConditioning:
+        """Cast to the transformer dtype, pick the masks, and concatenate for batched CFG."""
+        cfg = guidance_scale > 1
+        if cfg and negative_prompt_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs negative_prompt_embeds (true CFG)")
+        cond = prompt_embeds.to(dtype)
+        if not cfg:
+            return cls(cond, _transformer_mask(prompt_embeds_mask), None, None, guidance_scale, False)
+        uncond = negative_prompt_embeds.to(dtype)
+        if batch_cfg:
+            length = max(cond.shape[1], uncond.shape[1])
+            cond, cond_mask = _pad_to(cond, prompt_embeds_mask, length)
+            uncond, uncond_mask = _pad_to(uncond, negative_prompt_embeds_mask, length)
+            joint_mask = torch.cat([cond_mask, uncond_mask])
+            return cls(torch.cat([cond, uncond]), _transformer_mask(joint_mask), None, None, guidance_scale, True)
+        return cls(
+            cond,
+            _transformer_mask(prompt_embeds_mask),
+            uncond,
+            _transformer_mask(negative_prompt_embeds_mask),
+            guidance_scale,
+            False,
+        )
+
+
+def img_shapes_for(batch: int, height: int, width: int, vae_scale_factor: int) -> list[list[tuple[int, int, int]]]:
+    """Qwen-Image's RoPE image shapes: one ``(frames, h/2, w/2)`` in latent patches per sample."""
+    return [[(1, height // vae_scale_factor // 2, width // vae_scale_factor // 2)]] * batch
+
+
+def _apply_true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Qwen-Image's true CFG with norm rescale over the channel dimension, in the model's dtype (as diffusers)."""
+    comb = uncond + scale * (cond - uncond)
+    cond_norm = torch.norm(cond, dim=-1, keepdim=True)
+    comb_norm = torch.norm(comb, dim=-1, keepdim=True)
+    return comb * (cond_norm / comb_norm)
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: TextConditioning,
+    img_shapes: list,
+) -> torch.Tensor:
+    """The guided velocity for packed latents.
+
+    Args:
+        transformer: a ``QwenImageTransformer2DModel`` (possibly peft-wrapped or compiled).
+        latents: ``[B, L, D]`` packed latents, any float dtype (cast to the transformer's dtype).
+        timesteps: ``[B]`` float32 scheduler timesteps (``sigma * 1000``); the transformer gets ``t / 1000`` in its
+            dtype, computed exactly as diffusers' ``QwenImagePipeline`` does.
+        text: prepared :class:`TextConditioning`.
+        img_shapes: from :func:`img_shapes_for`.
+
+    Returns:
+        ``[B, L, D]`` velocity in the transformer's dtype.
+    """
+    dtype = text.cond.dtype
+    x = latents.to(dtype)
+    t = timesteps.to(dtype) / 1000
+    if text.batched_cfg:
+        out = transformer(
+            hidden_states=torch.cat([x, x]),
+            timestep=torch.cat([t, t]),
+            encoder_hidden_states=text.cond,
+            encoder_hidden_states_mask=text.cond_mask,
+            img_shapes=img_shapes * 2,
+            return_dict=False,
+        )[0]
+        cond, uncond = out.chunk(2)
+        return _apply_true_cfg(cond, uncond, text.guidance_scale)
+    cond = transformer(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=text.cond,
+        encoder_hidden_states_mask=text.cond_mask,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
+    if text.uncond is None:
+        return cond
+    uncond = transformer(
+        hidden_states=x,
+        timestep=t,
+        encoder_hidden_states=text.uncond,
+        encoder_hidden_states_mask=text.uncond_mask,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
+    return _apply_true_cfg(cond, uncond, text.guidance_scale)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class QwenImageLogProbPipeline(QwenImagePipeline):
+    """Qwen-Image text-to-image sampling that records what RL training needs.
+
+    Every request gets its own scheduler (see :meth:`FlowMatchSDEDiscreteScheduler.for_request`) and its own
+    per-sample random generators, and ``__call__`` keeps no state on the pipeline, so concurrent requests do not
+    interfere and a sample depends only on its prompt, its seed and the sampling config.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        seeds: Sequence[int],
+        sampling: DiffusionSamplingConfig | None = None,
+        window_seed: int | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> RolloutBatch:
+        """Sample one image per prompt entry.
+
+        Args:
+            prompt: one prompt per sample (repeat a prompt ``n`` times for a GRPO group).
+            seeds: one seed per sample; the sample's initial latent and every step's noise come from it alone.
+            sampling: how to sample (defaults to ``DiffusionSamplingConfig()``).
+            window_seed: seed of the random SDE window (``sampling.sde_window_size > 0``); defaults to ``seeds[0]``.
+            latents: optional ``[B, L, D]`` initial packed latents instead of drawing them from the seeds.
+
+        Returns:
+            A :class:`RolloutBatch` with CPU tensors.
+        """
+        sampling = sampling or DiffusionSamplingConfig()
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        # 1. Check inputs
+        prompts = self.check_rollout_inputs(prompt, seeds, sampling, latents)
+        batch = len(prompts)
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        # 2. Encode prompts: each distinct prompt once, whatever the group size
+        env = self.encode_denoising_env(prompts, sampling, device)
+        text = TextConditioning.build(**env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=dtype)
+        _sync(device)
+        timings["encode_s"] = time.perf_counter() - start
+
+        # 3. Prepare latents, from per-sample generators
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        if latents is None:
+            latents = self.prepare_rollout_latents(generators, sampling.height, sampling.width, device)
+        x = latents.to(device=device, dtype=torch.float32)
+        img_shapes = img_shapes_for(batch, sampling.height, sampling.width, self.vae_scale_factor)
+
+        # 4. Prepare timesteps (a scheduler of this request's own)
+        scheduler = self.request_scheduler(sampling.num_steps, image_seq_len=x.shape[1], device=device)
+        num_steps = len(scheduler.timesteps)
+
+        # 5. Pick the stochastic steps
+        stochastic = set(sampling.stochastic_steps(int(seeds[0]) if window_seed is None else window_seed))
+        no_const = sampling.log_prob_no_const
+        if no_const is None:
+            no_const = default_log_prob_no_const(sampling.sde_type)
+
+        # 6. Denoising loop
+        trajectory = [x]
+        log_probs = torch.zeros(batch, num_steps, dtype=torch.float32, device=device)
+        debug: dict[str, list[torch.Tensor]] = {k: [] for k in ("prev_sample_mean", "noise_std", "variance_noise", "model_output")}
+        loop_start = time.perf_counter()
+        with self.progress_bar(total=num_steps) as progress_bar:
+            for i, t in enumerate(scheduler.timesteps):
+                velocity = predict_velocity(self.transformer, x, t.expand(batch), text, img_shapes)
+                if i in stochastic:
+                    noise = randn_per_sample(x.shape, generators, device=device)
+                    out = scheduler.step(
+                        velocity,
+                        t,
+                        x,
+                        sde_type=sampling.sde_type,
+                        noise_level=sampling.noise_level,
+                        noise=noise,
+                        log_prob_no_const=no_const,
+                    )
+                    log_probs[:, i] = out.log_prob
+                else:
+                    out = scheduler.step(velocity, t, x)
+                x = out.prev_sample.float()
+                trajectory.append(x)
+                if sampling.return_debug:
+                    debug["prev_sample_mean"].append(out.prev_sample_mean.float())
+                    debug["noise_std"].append(out.std_dev)
+                    debug["variance_noise"].append(out.noise if out.noise is not None else torch.zeros_like(x))
+                    debug["model_output"].append(velocity.float())
+                progress_bar.update()
+        _sync(device)
+        timings["denoise_s"] = time.perf_counter() - loop_start
+
+        # 7. Decode, all samples in one VAE batch
+        decode_start = time.perf_counter()
+        images = self.decode_latents(x, sampling.height, sampling.width)
+        timings["decode_s"] = time.perf_counter() - decode_start
+
+        sde_mask = torch.zeros(batch, num_steps, dtype=torch.bool)
+        sde_mask[:, sorted(stochastic)] = True
+        result = RolloutBatch(
+            responses=images.cpu(),
+            all_latents=torch.stack(trajectory, dim=1).cpu(),
+            all_timesteps=scheduler.timesteps.float().cpu().expand(batch, -1).contiguous(),
+            all_sigmas=scheduler.sigmas.float().cpu().expand(batch, -1).contiguous(),
+            rollout_log_probs=log_probs.cpu(),
+            sde_mask=sde_mask,
+            prompt_embeds=env["prompt_embeds"].cpu(),
+            prompt_embeds_mask=env["prompt_embeds_mask"].cpu(),
+            negative_prompt_embeds=None if env["negative_prompt_embeds"] is None else env["negative_prompt_embeds"].cpu(),
+            negative_prompt_embeds_mask=(
+                None if env["negative_prompt_embeds_mask"] is None else env["negative_prompt_embeds_mask"].cpu()
+            ),
+            seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
+            prompts=prompts,
+            sampling=sampling,
+            debug={k: torch.stack(v, dim=1).cpu() for k, v in debug.items()} if sampling.return_debug else {},
+        )
+        timings["total_s"] = time.perf_counter() - start
+        result.timings = timings
+        return result
+
+    # -- stages -------------------------------------------------------------------------------------------------
+
+    def check_rollout_inputs(
+        self,
+        prompt: str | Sequence[str],
+        seeds: Sequence[int],
+        sampling: DiffusionSamplingConfig,
+        latents: torch.Tensor | None,
+    ) -> list[str]:
+        """Validate the request; returns the prompts as a list."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt must be a non-empty string or list of strings, got an empty list")
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per sample")
+        multiple = self.vae_scale_factor * 2
+        if sampling.height % multiple or sampling.width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (VAE factor {self.vae_scale_factor} x 2x2 patches), "
+                f"got {sampling.height}x{sampling.width}"
+            )
+        if self.transformer.config.guidance_embeds:
+            raise NotImplementedError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported")
+        if latents is not None:
+            expected = (len(prompts), self._num_latent_tokens(sampling.height, sampling.width), self.transformer.config.in_channels)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+        return prompts
+
+    def _num_latent_tokens(self, height: int, width: int) -> int:
+        return (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
+
+    def encode_denoising_env(
+        self, prompts: list[str], sampling: DiffusionSamplingConfig, device: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        """Prompt (and negative prompt) embeddings and masks for every sample, in the transformer's dtype.
+
+        Each distinct prompt is encoded alone (so its embedding never depends on what else is in the batch), then
+        the batch is right-padded to its longest prompt.
+        """
+        dtype = self.transformer.dtype
+        cache: dict[str, torch.Tensor] = {}
+        for p in dict.fromkeys(prompts):
+            embeds, _ = self._get_qwen_prompt_embeds([p], device=device)
+            cache[p] = embeds[0, : sampling.max_sequence_length].to(dtype)
+        prompt_embeds, prompt_mask = self._stack_padded([cache[p] for p in prompts])
+        env = {
+            "prompt_embeds": prompt_embeds,
+            "prompt_embeds_mask": prompt_mask,
+            "negative_prompt_embeds": None,
+            "negative_prompt_embeds_mask": None,
+        }
+        if sampling.guidance_scale > 1:
+            neg, _ = self._get_qwen_prompt_embeds([sampling.negative_prompt], device=device)
+            neg = neg[0, : sampling.max_sequence_length].to(dtype)
+            env["negative_prompt_embeds"], env["negative_prompt_embeds_mask"] = self._stack_padded([neg] * len(prompts))
+        return env
+
+    @staticmethod
+    def _stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+        for b, r in enumerate(rows):
+            embeds[b, : r.shape[0]] = r
+            mask[b, : r.shape[0]] = 1
+        return embeds, mask
+
+    def prepare_rollout_latents(
+        self, generators: Sequence[torch.Generator], height: int, width: int, device: torch.device
+    ) -> torch.Tensor:
+        """``[B, L, D]`` float32 packed initial noise; row ``b`` drawn at full shape from ``generators[b]``."""
+        channels = self.transformer.config.in_channels // 4
+        h = 2 * (height // (self.vae_scale_factor * 2))
+        w = 2 * (width // (self.vae_scale_factor * 2))
+        noise = randn_per_sample((len(generators), 1, channels, h, w), generators, device=device)
+        return self._pack_latents(noise, len(generators), channels, h, w)
+
+    def request_scheduler(
+        self, num_steps: int, *, image_seq_len: int, device: torch.device
+    ) -> FlowMatchSDEDiscreteScheduler:
+        """A scheduler for one request: Qwen-Image's sigmas ``linspace(1, 1/N, N)`` with dynamic shift ``mu``."""
+        template = self.scheduler
+        if not isinstance(template, FlowMatchSDEDiscreteScheduler):
+            template = FlowMatchSDEDiscreteScheduler.from_config(template.config)
+        config = template.config
+        mu = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        return template.for_request(num_steps, sigmas=sigmas, mu=mu, device=device)
+
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
+        x = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
+        z_dim = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+        x = x / inv_std + mean
+        image = self.vae.decode(x, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(image, output_type="pt").float()

@@ -1,0 +1,191 @@
+"""Build a tiny, randomly initialised Qwen-Image as a normal diffusers folder, offline.
+
+Tests, examples and CI use it in place of the real 20B checkpoint: the folder has the same layout and classes as
+``Qwen/Qwen-Image`` (transformer, VAE, Qwen2.5-VL text encoder, Qwen2 tokenizer, flow-matching scheduler) and is
+loaded by exactly the code that loads a real checkpoint. Nothing is downloaded: the tokenizer is a byte-level
+BPE built here from an in-memory vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = ["make_tiny_qwenimage", "tiny_qwenimage_path", "build_tiny_tokenizer", "TINY_QWENIMAGE_DIMS"]
+
+# Dimensions in the spirit of diffusers' own QwenImage pipeline tests, a little wider so images vary.
+TINY_QWENIMAGE_DIMS = {
+    "transformer": dict(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ),
+    "vae": dict(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ),
+    "text_hidden_size": 32,
+}
+
+# The system prompt QwenImagePipeline wraps every prompt in. The pipeline drops the first
+# `prompt_template_encode_start_idx` (34) tokens, the length of this prefix under Qwen's real tokenizer;
+# the tiny tokenizer below is built so that the prefix is exactly 34 tokens under it too.
+_TEMPLATE_PREFIX_TEXT = (
+    "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:\nuser\nassistant\n"
+)
+_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+_EXTRA_WORDS = "a an the red green blue cat dog photo of on in with sky city tree house car flower bird"
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2 style byte -> printable character table used by byte-level BPE tokenizers."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tiny_tokenizer():
+    """A byte-level ``Qwen2Tokenizer`` with whole-word merges for the chat template and a few common words.
+
+    Any text tokenizes (bytes are the fallback), and the Qwen-Image chat-template prefix is exactly 34 tokens,
+    as under the real tokenizer.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {"<|endoftext|>": 0}
+    for b in range(256):
+        vocab.setdefault(alphabet[b], len(vocab))
+    words = set(re.findall(r"[^\r\n\w]?[A-Za-z]+", _TEMPLATE_PREFIX_TEXT))
+    words |= {" " + w for w in _EXTRA_WORDS.split()} | set(_EXTRA_WORDS.split())
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in sorted(words):
+        symbols = "".join(alphabet[b] for b in word.encode("utf-8"))
+        current = symbols[0]
+        for ch in symbols[1:]:
+            if (current, ch) not in seen:
+                seen.add((current, ch))
+                merges.append((current, ch))
+            current += ch
+            vocab.setdefault(current, len(vocab))
+    for token in _SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL_TOKENS])
+    return tokenizer
+
+
+def make_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Build a tiny random Qwen-Image and save it with ``save_pretrained`` as a diffusers folder.
+
+    Args:
+        out_dir: folder to write (created; an existing model there is overwritten).
+        seed: seed of the random weights.
+
+    Returns:
+        ``out_dir`` as a string, loadable with ``QwenImagePipeline.from_pretrained``.
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    prefix = "<|im_start|>system\n" + _TEMPLATE_PREFIX_TEXT.split("\n", 1)[1].split("\nuser")[0]
+    prefix += "<|im_end|>\n<|im_start|>user\n"
+    if len(tokenizer(prefix).input_ids) != 34:  # the pipeline's prompt_template_encode_start_idx
+        raise RuntimeError("tiny tokenizer: the chat-template prefix must be 34 tokens")
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**TINY_QWENIMAGE_DIMS["transformer"])
+    vae = AutoencoderKLQwenImage(**TINY_QWENIMAGE_DIMS["vae"])
+    hidden = TINY_QWENIMAGE_DIMS["text_hidden_size"]
+    vocab_size = ((len(tokenizer) + 63) // 64) * 64
+    text_config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": vocab_size,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden},
+        hidden_size=hidden,
+        vocab_size=vocab_size,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        vision_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(text_config).eval()
+    # Qwen-Image's scheduler settings (dynamic shift, exponential time shift, terminal sigma).
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    return str(out)
+
+
+def tiny_qwenimage_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of a tiny Qwen-Image in a cache folder, built on first use.
+
+    The cache is ``$VDR_CACHE`` or ``~/.cache/verl_diffusion_rollout``; the model lands in ``tiny-qwenimage/``.
+    """
+    root = Path(cache_dir or os.environ.get("VDR_CACHE") or Path.home() / ".cache" / "verl_diffusion_rollout")
+    path = root / "tiny-qwenimage"
+    if not (path / "model_index.json").is_file():
+        tmp = root / f"tiny-qwenimage.tmp-{os.getpid()}"
+        make_tiny_qwenimage(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process won the race; its copy is just as good
+            if not (path / "model_index.json").is_file():
+                raise
+    return str(path)
