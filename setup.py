@@ -19,7 +19,7 @@ setup(
     # The Hydra configs live at the top level (configs/) and ship inside the package, so that
     # `python -m verl_diffusion_rollout.main_flowgrpo --config-name ...` finds them after a plain pip install.
     package_dir={"verl_diffusion_rollout.configs": "configs"},
-    package_data={"verl_diffusion_rollout.configs": ["*.yaml", "**/*.yaml"]},
+    package_data={"verl_diffusion_rollout.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         # verl 0.9.x pins transformers < 5.11; diffusers 0.42 accepts that range.
         "verl>=0.9.0,<0.10",

@@ -10,6 +10,7 @@ per-step log-probs and the denoising environment a trainer needs to replay every
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -170,8 +171,16 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
 
     Every request gets its own scheduler (see :meth:`FlowMatchSDEDiscreteScheduler.for_request`) and its own
     per-sample random generators, and ``__call__`` keeps no state on the pipeline, so concurrent requests do not
-    interfere and a sample depends only on its prompt, its seed and the sampling config.
+    interfere and a sample depends only on its prompt, its seed and the sampling config. The text encoder
+    (Qwen2.5-VL caches ``rope_deltas`` on itself) and the VAE (it keeps a causal-conv feature cache) hold state
+    between calls, so those two stages run one request at a time; the denoising loop runs concurrently.
     """
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
+        super().__init__(
+            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+        )
+        self._stateful_stage_lock = threading.Lock()
 
     @torch.no_grad()
     def __call__(
@@ -335,9 +344,13 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         """
         dtype = self.transformer.dtype
         cache: dict[str, torch.Tensor] = {}
-        for p in dict.fromkeys(prompts):
-            embeds, _ = self._get_qwen_prompt_embeds([p], device=device)
-            cache[p] = embeds[0, : sampling.max_sequence_length].to(dtype)
+        with self._stateful_stage_lock:
+            for p in dict.fromkeys(prompts):
+                embeds, _ = self._get_qwen_prompt_embeds([p], device=device)
+                cache[p] = embeds[0, : sampling.max_sequence_length].to(dtype)
+            if sampling.guidance_scale > 1:
+                neg, _ = self._get_qwen_prompt_embeds([sampling.negative_prompt], device=device)
+                neg = neg[0, : sampling.max_sequence_length].to(dtype)
         prompt_embeds, prompt_mask = self._stack_padded([cache[p] for p in prompts])
         env = {
             "prompt_embeds": prompt_embeds,
@@ -346,8 +359,6 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             "negative_prompt_embeds_mask": None,
         }
         if sampling.guidance_scale > 1:
-            neg, _ = self._get_qwen_prompt_embeds([sampling.negative_prompt], device=device)
-            neg = neg[0, : sampling.max_sequence_length].to(dtype)
             env["negative_prompt_embeds"], env["negative_prompt_embeds_mask"] = self._stack_padded([neg] * len(prompts))
         return env
 
@@ -396,5 +407,6 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
         inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
         x = x / inv_std + mean
-        image = self.vae.decode(x, return_dict=False)[0][:, :, 0]
+        with self._stateful_stage_lock:
+            image = self.vae.decode(x, return_dict=False)[0][:, :, 0]
         return self.image_processor.postprocess(image, output_type="pt").float()
