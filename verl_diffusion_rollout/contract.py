@@ -129,6 +129,37 @@ class RolloutBatch:
             timings=dict(timings or {}),
         )
 
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """Samples of several batches in one; prompt embeddings are right-padded (mask 0) to the longest.
+
+        All batches must share the sampling config. Padding is exact for the transformer (padded tokens are
+        masked), though a padded batch may round differently from its parts.
+        """
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        first = batches[0]
+        if any(b.sampling != first.sampling for b in batches[1:]):
+            raise ValueError("cannot concat rollout batches sampled with different configs")
+        if any((b.negative_prompt_embeds is None) != (first.negative_prompt_embeds is None) for b in batches):
+            raise ValueError("cannot concat batches with and without negative prompt embeddings")
+        dicts = [b.to_dict() for b in batches]
+        tensors = {}
+        for key in dicts[0]:
+            parts = [d[key] for d in dicts]
+            if key in ENV_KEYS:
+                length = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[1]) if p.ndim == 3 else (0, length - p.shape[1])) for p in parts]
+            tensors[key] = torch.cat(parts)
+        timings = {k: sum(b.timings.get(k, 0.0) for b in batches) for k in first.timings}
+        return RolloutBatch.from_dict(
+            tensors,
+            [p for b in batches for p in b.prompts],
+            first.sampling,
+            weight_version=min(b.weight_version for b in batches),
+            timings=timings,
+        )
+
     def select(self, index: Sequence[int] | torch.Tensor) -> RolloutBatch:
         """The samples at ``index``, in that order (tensors indexed on dim 0)."""
         idx = torch.as_tensor(index, dtype=torch.long)

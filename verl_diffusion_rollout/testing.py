@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_tiny_qwenimage", "tiny_qwenimage_path", "build_tiny_tokenizer", "TINY_QWENIMAGE_DIMS"]
+__all__ = ["make_tiny_qwenimage", "tiny_qwenimage_path", "build_tiny_tokenizer", "make_tiny_clip", "TINY_QWENIMAGE_DIMS"]
 
 # Dimensions in the spirit of diffusers' own QwenImage pipeline tests, a little wider so images vary.
 TINY_QWENIMAGE_DIMS = {
@@ -189,3 +189,41 @@ def tiny_qwenimage_path(cache_dir: str | os.PathLike | None = None) -> str:
             if not (path / "model_index.json").is_file():
                 raise
     return str(path)
+
+
+def make_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """A tiny random CLIP model and processor saved as a normal transformers folder (for reward tests).
+
+    Same classes as PickScore's and the aesthetic predictor's CLIP backbones, loaded by the same code.
+    """
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for code in range(33, 127):
+        for token in (chr(code), chr(code) + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    processor = CLIPProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
+                     "pad_token_id": 1},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )
+    model = CLIPModel(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)

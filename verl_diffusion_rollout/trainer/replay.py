@@ -15,9 +15,9 @@ import torch
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
 from ..pipelines.qwenimage import TextConditioning, img_shapes_for, predict_velocity
-from ..sde import sde_step_with_logprob
+from ..sde import SDEStep, sde_step_with_logprob
 
-__all__ = ["compute_log_probs", "trainable_steps"]
+__all__ = ["compute_log_probs", "trainable_steps", "StepReplayer"]
 
 
 def trainable_steps(batch: RolloutBatch) -> list[int]:
@@ -31,6 +31,74 @@ def _vae_patch_factor(height: int, width: int, num_tokens: int) -> int:
     if factor * factor * num_tokens != height * width:
         raise ValueError(f"{num_tokens} latent tokens do not tile a {height}x{width} image")
     return factor
+
+
+class StepReplayer:
+    """Replays single steps of one rollout batch; the text conditioning is prepared once per batch.
+
+    Args:
+        batch: the rollout's :class:`RolloutBatch` (tensors may live on the CPU).
+        device, dtype: where and in which dtype the transformer runs.
+        guidance_scale: CFG scale to replay with; defaults to the rollout's.
+        sampling: sampling config to replay with; defaults to ``batch.sampling``.
+    """
+
+    def __init__(
+        self,
+        batch: RolloutBatch,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        guidance_scale: float | None = None,
+        sampling: DiffusionSamplingConfig | None = None,
+    ):
+        self.batch = batch
+        self.sampling = sampling or batch.sampling
+        self.device = device
+        scale = self.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        self.text = TextConditioning.build(
+            on_device(batch.prompt_embeds),
+            on_device(batch.prompt_embeds_mask),
+            on_device(batch.negative_prompt_embeds),
+            on_device(batch.negative_prompt_embeds_mask),
+            guidance_scale=scale,
+            batch_cfg=self.sampling.batch_cfg,
+            dtype=dtype,
+        )
+        factor = _vae_patch_factor(self.sampling.height, self.sampling.width, batch.all_latents.shape[2])
+        self.img_shapes = img_shapes_for(len(batch), self.sampling.height, self.sampling.width, factor // 2)
+        self.sigmas = batch.all_sigmas.float()
+        self.sigma_max = self.sigmas[:, 1] if self.sigmas.shape[1] > 1 else None
+
+    def step(self, transformer: torch.nn.Module, i: int) -> SDEStep:
+        """Re-run step ``i``: the transformer on ``x_i`` and the SDE step scored at the recorded ``x_{i+1}``."""
+        if not 0 <= i < self.batch.num_steps:
+            raise ValueError(f"step index must lie in 0..{self.batch.num_steps - 1}, got {i}")
+        x = self.batch.all_latents[:, i].to(self.device)
+        prev = self.batch.all_latents[:, i + 1].to(self.device)
+        timesteps = self.batch.all_timesteps[:, i].to(self.device)
+        velocity = predict_velocity(transformer, x, timesteps, self.text, self.img_shapes)
+        sde_type = self.sampling.sde_type if bool(self.batch.sde_mask[:, i].any()) else "ode"
+        return sde_step_with_logprob(
+            velocity,
+            x,
+            self.sigmas[:, i],
+            self.sigmas[:, i + 1],
+            sde_type=sde_type,
+            noise_level=self.sampling.noise_level,
+            prev_sample=prev,
+            log_prob_no_const=self.sampling.log_prob_no_const,
+            sigma_max=self.sigma_max,
+        )
+
+
+def _placement(transformer: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(transformer.parameters())
+    return param.device, getattr(transformer, "dtype", None) or param.dtype
 
 
 def compute_log_probs(
@@ -54,53 +122,10 @@ def compute_log_probs(
     Returns:
         ``[B, len(step_indices)]`` float32 log-probs (0 at deterministic steps).
     """
-    sampling = sampling or batch.sampling
     steps = trainable_steps(batch) if step_indices is None else [int(i) for i in step_indices]
-    num_steps = batch.num_steps
-    bad = [i for i in steps if not 0 <= i < num_steps]
-    if bad:
-        raise ValueError(f"step_indices must lie in 0..{num_steps - 1}, got {bad}")
-    scale = sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
-    param = next(transformer.parameters())
-    device, dtype = param.device, param.dtype
-    if getattr(transformer, "dtype", None) is not None:
-        dtype = transformer.dtype
-
-    def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
-    text = TextConditioning.build(
-        on_device(batch.prompt_embeds),
-        on_device(batch.prompt_embeds_mask),
-        on_device(batch.negative_prompt_embeds),
-        on_device(batch.negative_prompt_embeds_mask),
-        guidance_scale=scale,
-        batch_cfg=sampling.batch_cfg,
-        dtype=dtype,
-    )
-    size = len(batch)
-    factor = _vae_patch_factor(sampling.height, sampling.width, batch.all_latents.shape[2])
-    img_shapes = img_shapes_for(size, sampling.height, sampling.width, factor // 2)
-    sigmas = batch.all_sigmas.float()
-    sigma_max = sigmas[:, 1] if sigmas.shape[1] > 1 else None
-    log_probs = []
-    for i in steps:
-        x = batch.all_latents[:, i].to(device)
-        prev = batch.all_latents[:, i + 1].to(device)
-        velocity = predict_velocity(transformer, x, batch.all_timesteps[:, i].to(device), text, img_shapes)
-        sde_type = sampling.sde_type if bool(batch.sde_mask[:, i].any()) else "ode"
-        out = sde_step_with_logprob(
-            velocity,
-            x,
-            sigmas[:, i],
-            sigmas[:, i + 1],
-            sde_type=sde_type,
-            noise_level=sampling.noise_level,
-            prev_sample=prev,
-            log_prob_no_const=sampling.log_prob_no_const,
-            sigma_max=sigma_max,
-        )
-        log_probs.append(out.log_prob)
+    device, dtype = _placement(transformer)
+    replayer = StepReplayer(batch, device, dtype, guidance_scale=guidance_scale, sampling=sampling)
+    log_probs = [replayer.step(transformer, i).log_prob for i in steps]
     if not log_probs:
-        return torch.zeros(size, 0, dtype=torch.float32, device=device)
+        return torch.zeros(len(batch), 0, dtype=torch.float32, device=device)
     return torch.stack(log_probs, dim=1)

@@ -1,0 +1,214 @@
+"""FlowGRPO recipe configuration: the Hydra tree ``actor_rollout_ref`` / ``data`` / ``algorithm`` / ``reward`` /
+``trainer`` as dataclasses, validated before any work starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from ..config import DiffusionModelConfig, DiffusionRolloutConfig
+from .rewards import check_reward_config
+
+__all__ = ["ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"]
+
+
+def _build(cls, values: dict[str, Any] | None, prefix: str):
+    values = dict(values or {})
+    values.pop("_target_", None)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {[prefix + k for k in unknown]}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class ActorConfig:
+    """``actor_rollout_ref.actor``: the policy update (FlowGRPO's defaults)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    max_grad_norm: float = 1.0
+    kl_beta: float = 0.0
+    ppo_epochs: int = 1
+    mini_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    device: Optional[str] = None
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        for name in ("lr", "clip_range", "adv_clip_max", "max_grad_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"actor.{name} must be > 0, got {value}")
+        if self.kl_beta < 0:
+            raise ValueError(f"actor.kl_beta must be >= 0, got {self.kl_beta}")
+        if self.ppo_epochs < 1:
+            raise ValueError(f"actor.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+
+
+@dataclass
+class DataConfig:
+    """``data``: where prompts come from and how many samples an RL step takes."""
+
+    prompts: Optional[list[str]] = None
+    train_files: Optional[str] = None
+    samples_per_step: int = 32
+
+    def load_prompts(self) -> list[str]:
+        """Inline ``prompts``, else ``train_files`` (``.txt``: one per line; ``.jsonl``: a ``prompt`` field)."""
+        if self.prompts:
+            prompts = [str(p) for p in self.prompts]
+        elif self.train_files:
+            if not os.path.isfile(self.train_files):
+                raise FileNotFoundError(f"data.train_files {self.train_files!r} does not exist")
+            with open(self.train_files, encoding="utf-8") as f:
+                if self.train_files.endswith(".jsonl"):
+                    import json
+
+                    prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+                else:
+                    prompts = [line.strip() for line in f if line.strip()]
+        else:
+            raise ValueError("no prompts: set data.prompts (a list) or data.train_files (.txt or .jsonl)")
+        if not prompts:
+            raise ValueError("the prompt list is empty")
+        return prompts
+
+
+@dataclass
+class AlgorithmConfig:
+    """``algorithm``: advantage estimation."""
+
+    global_std: bool = False
+    adv_eps: float = 1e-4
+    drop_equal_groups: bool = True
+
+
+@dataclass
+class RewardConfig:
+    """``reward``: weighted reward functions and how they run.
+
+    ``rollout_chunks > 1`` samples a step's rollout in that many pieces and scores each piece in the background
+    (``backend``: ``thread`` or ``ray``) while the next one is sampled.
+    """
+
+    functions: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    options: dict[str, dict] = field(default_factory=dict)
+    backend: str = "thread"
+    rollout_chunks: int = 1
+
+
+@dataclass
+class RunConfig:
+    """``trainer``: length, outputs, logging, checkpoints.
+
+    ``colocate``: the rollout and the policy share one accelerator and take turns: the rollout's weights go to
+    the host (``release``) while the policy trains, the policy's while the rollout samples.
+    """
+
+    total_steps: int = 20
+    seed: int = 0
+    output_dir: str = "outputs/flowgrpo"
+    save_freq: int = 10
+    plot_freq: int = 5
+    resume_from: Optional[str] = None
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    progress_bar: bool = True
+    colocate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"trainer.total_steps must be >= 1, got {self.total_steps}")
+        unknown = sorted(set(self.logger) - {"console", "jsonl", "tensorboard"})
+        if unknown:
+            raise ValueError(f"unknown trainer.logger entries {unknown}; use console, jsonl, tensorboard")
+
+
+@dataclass
+class FlowGRPOConfig:
+    """The whole recipe, built from a Hydra config by :meth:`from_omegaconf`."""
+
+    model: DiffusionModelConfig
+    rollout: DiffusionRolloutConfig
+    actor: ActorConfig
+    data: DataConfig
+    algorithm: AlgorithmConfig
+    reward: RewardConfig
+    trainer: RunConfig
+    raw: Any = None
+
+    @property
+    def group_size(self) -> int:
+        return self.rollout.n
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.data.samples_per_step // self.rollout.n
+
+    @classmethod
+    def from_omegaconf(cls, cfg: DictConfig) -> FlowGRPOConfig:
+        """Validate and convert; every error names its key and fires before any model is loaded."""
+        from verl.utils.config import omega_conf_to_dataclass
+
+        try:
+            model_path = cfg.actor_rollout_ref.model.path
+        except MissingMandatoryValue:
+            model_path = None
+        if not model_path:
+            raise ValueError(
+                "actor_rollout_ref.model.path is required: a diffusers model folder, e.g. "
+                "actor_rollout_ref.model.path=/models/Qwen-Image"
+            )
+        if not os.path.isdir(str(model_path)):
+            raise FileNotFoundError(f"actor_rollout_ref.model.path {model_path!r} does not exist")
+
+        def section(node: Any) -> dict[str, Any]:
+            return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+        reward = _build(RewardConfig, section(cfg.get("reward")), "reward.")
+        check_reward_config(reward.functions, reward.options)
+        if reward.backend not in ("thread", "ray", "sync"):
+            raise ValueError(f"reward.backend must be thread, ray or sync, got {reward.backend!r}")
+        rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+        data = _build(DataConfig, section(cfg.get("data")), "data.")
+        actor = _build(ActorConfig, section(cfg.actor_rollout_ref.get("actor")), "actor_rollout_ref.actor.")
+        algorithm = _build(AlgorithmConfig, section(cfg.get("algorithm")), "algorithm.")
+        trainer = _build(RunConfig, section(cfg.get("trainer")), "trainer.")
+        n = rollout.n
+        if n < 2:
+            raise ValueError(f"GRPO needs a group of at least 2 samples per prompt: actor_rollout_ref.rollout.n={n}")
+        if data.samples_per_step % n:
+            raise ValueError(
+                f"data.samples_per_step={data.samples_per_step} is not divisible by the group size "
+                f"actor_rollout_ref.rollout.n={n}"
+            )
+        mini = actor.mini_batch_size or data.samples_per_step
+        micro = actor.micro_batch_size or mini
+        if data.samples_per_step % mini or mini % micro:
+            raise ValueError(
+                f"batch sizes must nest: data.samples_per_step={data.samples_per_step}, "
+                f"actor.mini_batch_size={mini}, actor.micro_batch_size={micro}"
+            )
+        if data.samples_per_step % reward.rollout_chunks or (data.samples_per_step // reward.rollout_chunks) % n:
+            raise ValueError(
+                f"reward.rollout_chunks={reward.rollout_chunks} must split data.samples_per_step="
+                f"{data.samples_per_step} into whole groups of {n}"
+            )
+        data.load_prompts()  # fail now on a missing prompt file
+        model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
+        if model.lora_rank <= 0:
+            raise ValueError(f"actor_rollout_ref.model.lora_rank must be > 0 (FlowGRPO trains a LoRA), got {model.lora_rank}")
+        return cls(model=model, rollout=rollout, actor=actor, data=data, algorithm=algorithm, reward=reward,
+                   trainer=trainer, raw=cfg)
