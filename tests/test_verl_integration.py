@@ -155,3 +155,25 @@ def test_async_release_resume_and_update_weights(rollout):
     assert version == 1 and rollout.generate_sequences(prompts).meta_info["weight_version"] == 1
     with pytest.raises(NotImplementedError, match="named_tensors"):
         asyncio.run(rollout.update_weights(iter(()), wire_format="delta_flush"))
+
+
+def test_sampler_core_imports_without_verl():
+    """sde/scheduler/pipelines/engines/replay need neither verl nor ray (e.g. on a bare GPU box)."""
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('verl', 'ray'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import importlib.util\n"
+        "importlib.util.find_spec = (lambda f: lambda name, *a: None if name == 'verl' else f(name, *a))(importlib.util.find_spec)\n"
+        "from verl_diffusion_rollout.engines import DiffusersEngine\n"
+        "from verl_diffusion_rollout.trainer.replay import compute_log_probs\n"
+        "from verl_diffusion_rollout.config import DiffusionSamplingConfig\n"
+        "assert 'verl' not in sys.modules and 'ray' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -42,7 +42,7 @@ def register() -> None:
     if not OmegaConf.has_resolver("vdr.tiny_model"):
         OmegaConf.register_new_resolver("vdr.tiny_model", _tiny_model_resolver)
 
-    from .config import register_configs
+    from .verl_config import register_configs
 
     register_configs()
 
