@@ -15,8 +15,6 @@ import random
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 from .sde import SDE_TYPES
 
 __all__ = [
@@ -54,7 +52,9 @@ QWEN_IMAGE_ATTENTION_MODULES: list[str] = [
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers to plain Python lists/dicts (configs arrive from Hydra as DictConfig/ListConfig)."""
-    if isinstance(value, (DictConfig, ListConfig)):
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
         return OmegaConf.to_container(value, resolve=True)
     return value
 

@@ -25,7 +25,7 @@ from ..contract import RolloutBatch
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import default_log_prob_no_const, randn_per_sample
 
-__all__ = ["QwenImageLogProbPipeline", "TextConditioning", "predict_velocity", "img_shapes_for"]
+__all__ = ["QwenImageLogProbPipeline", "TextConditioning", "Trajectory", "predict_velocity", "img_shapes_for"]
 
 
 def _transformer_mask(mask: torch.Tensor) -> torch.Tensor | None:
@@ -166,6 +166,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+@dataclass
+class Trajectory:
+    """What the denoising loop produced (CPU tensors).
+
+    Attributes:
+        latents: ``[B, T+1, L, D]`` float32, x_T .. x_0.
+        log_probs: ``[B, T]`` float32 (0 at deterministic steps).
+        sde_mask: ``[B, T]`` bool.
+        timesteps: ``[T]`` and sigmas ``[T+1]`` float32, the request's schedule.
+        debug: ``prev_sample_mean`` / ``variance_noise`` / ``model_output`` ``[B, T, L, D]`` and ``noise_std``
+            ``[B, T]`` when ``return_debug``, else empty.
+        seconds: wall time of the loop.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    sde_mask: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    debug: dict[str, torch.Tensor]
+    seconds: float
+
+
+class _TrajectoryRecorder:
+    """Collects x_T .. x_0 (and debug tensors) on the host.
+
+    On a GPU every step's latent is copied into pinned host memory with a non-blocking copy right after it is
+    computed, so the copy overlaps the next transformer forward instead of stalling at the end.
+    """
+
+    DEBUG_KEYS = ("prev_sample_mean", "noise_std", "variance_noise", "model_output")
+
+    def __init__(self, x0: torch.Tensor, num_steps: int, debug: bool):
+        self.async_copy = x0.device.type == "cuda"
+        shape = (x0.shape[0], num_steps + 1, *x0.shape[1:])
+        self.host = torch.empty(shape, dtype=torch.float32, pin_memory=self.async_copy)
+        self.host[:, 0].copy_(x0, non_blocking=self.async_copy)
+        self._debug: dict[str, list[torch.Tensor]] | None = {k: [] for k in self.DEBUG_KEYS} if debug else None
+
+    def record(self, i: int, x: torch.Tensor, out, velocity: torch.Tensor) -> None:
+        self.host[:, i + 1].copy_(x, non_blocking=self.async_copy)
+        if self._debug is not None:
+            self._debug["prev_sample_mean"].append(out.prev_sample_mean.float().cpu())
+            self._debug["noise_std"].append(out.std_dev.cpu())
+            noise = out.noise if out.noise is not None else torch.zeros_like(x)
+            self._debug["variance_noise"].append(noise.cpu())
+            self._debug["model_output"].append(velocity.float().cpu())
+
+    def latents(self) -> torch.Tensor:
+        if self.async_copy:
+            torch.cuda.current_stream().synchronize()
+        return self.host
+
+    def debug(self) -> dict[str, torch.Tensor]:
+        return {} if self._debug is None else {k: torch.stack(v, dim=1) for k, v in self._debug.items()}
+
+
 class QwenImageLogProbPipeline(QwenImagePipeline):
     """Qwen-Image text-to-image sampling that records what RL training needs.
 
@@ -205,20 +266,73 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             A :class:`RolloutBatch` with CPU tensors.
         """
         sampling = sampling or DiffusionSamplingConfig()
-        timings: dict[str, float] = {}
         start = time.perf_counter()
 
         # 1. Check inputs
         prompts = self.check_rollout_inputs(prompt, seeds, sampling, latents)
-        batch = len(prompts)
         device = self._execution_device
-        dtype = self.transformer.dtype
 
         # 2. Encode prompts: each distinct prompt once, whatever the group size
         env = self.encode_denoising_env(prompts, sampling, device)
-        text = TextConditioning.build(**env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=dtype)
         _sync(device)
-        timings["encode_s"] = time.perf_counter() - start
+        encode_s = time.perf_counter() - start
+
+        # 3-6. Latents, timesteps, SDE window, denoising loop
+        trajectory = self.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents)
+
+        # 7. Decode, all samples in one VAE batch
+        decode_start = time.perf_counter()
+        images = self.decode_latents(trajectory.latents[:, -1].to(device), sampling.height, sampling.width)
+        decode_s = time.perf_counter() - decode_start
+
+        batch = len(prompts)
+        return RolloutBatch(
+            responses=images.cpu(),
+            all_latents=trajectory.latents,
+            all_timesteps=trajectory.timesteps.expand(batch, -1).contiguous(),
+            all_sigmas=trajectory.sigmas.expand(batch, -1).contiguous(),
+            rollout_log_probs=trajectory.log_probs,
+            sde_mask=trajectory.sde_mask,
+            prompt_embeds=env["prompt_embeds"].cpu(),
+            prompt_embeds_mask=env["prompt_embeds_mask"].cpu(),
+            negative_prompt_embeds=_cpu(env["negative_prompt_embeds"]),
+            negative_prompt_embeds_mask=_cpu(env["negative_prompt_embeds_mask"]),
+            seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
+            prompts=prompts,
+            sampling=sampling,
+            debug=trajectory.debug,
+            timings={
+                "encode_s": encode_s,
+                "denoise_s": trajectory.seconds,
+                "decode_s": decode_s,
+                "total_s": time.perf_counter() - start,
+            },
+        )
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        env: dict[str, torch.Tensor | None],
+        seeds: Sequence[int],
+        sampling: DiffusionSamplingConfig,
+        *,
+        window_seed: int | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> Trajectory:
+        """Stages 3-6: initial noise, timesteps, SDE window and the denoising loop, from encoded prompts.
+
+        Args:
+            env: prompt embeddings and masks as :meth:`encode_denoising_env` returns them (on the device).
+            seeds, sampling, window_seed, latents: as in :meth:`__call__`.
+
+        Returns:
+            A :class:`Trajectory` with CPU tensors.
+        """
+        device = self._execution_device
+        batch = len(seeds)
+        text = TextConditioning.build(
+            **env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=self.transformer.dtype
+        )
 
         # 3. Prepare latents, from per-sample generators
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -237,10 +351,9 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         if no_const is None:
             no_const = default_log_prob_no_const(sampling.sde_type)
 
-        # 6. Denoising loop
-        trajectory = [x]
+        # 6. Denoising loop; the trajectory streams to host memory while the next step computes
+        recorder = _TrajectoryRecorder(x, num_steps, sampling.return_debug)
         log_probs = torch.zeros(batch, num_steps, dtype=torch.float32, device=device)
-        debug: dict[str, list[torch.Tensor]] = {k: [] for k in ("prev_sample_mean", "noise_std", "variance_noise", "model_output")}
         loop_start = time.perf_counter()
         with self.progress_bar(total=num_steps) as progress_bar:
             for i, t in enumerate(scheduler.timesteps):
@@ -260,44 +373,20 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
                 else:
                     out = scheduler.step(velocity, t, x)
                 x = out.prev_sample.float()
-                trajectory.append(x)
-                if sampling.return_debug:
-                    debug["prev_sample_mean"].append(out.prev_sample_mean.float())
-                    debug["noise_std"].append(out.std_dev)
-                    debug["variance_noise"].append(out.noise if out.noise is not None else torch.zeros_like(x))
-                    debug["model_output"].append(velocity.float())
+                recorder.record(i, x, out, velocity)
                 progress_bar.update()
-        _sync(device)
-        timings["denoise_s"] = time.perf_counter() - loop_start
-
-        # 7. Decode, all samples in one VAE batch
-        decode_start = time.perf_counter()
-        images = self.decode_latents(x, sampling.height, sampling.width)
-        timings["decode_s"] = time.perf_counter() - decode_start
-
+        log_probs = log_probs.cpu()  # waits for the loop to finish
         sde_mask = torch.zeros(batch, num_steps, dtype=torch.bool)
         sde_mask[:, sorted(stochastic)] = True
-        result = RolloutBatch(
-            responses=images.cpu(),
-            all_latents=torch.stack(trajectory, dim=1).cpu(),
-            all_timesteps=scheduler.timesteps.float().cpu().expand(batch, -1).contiguous(),
-            all_sigmas=scheduler.sigmas.float().cpu().expand(batch, -1).contiguous(),
-            rollout_log_probs=log_probs.cpu(),
+        return Trajectory(
+            latents=recorder.latents(),
+            log_probs=log_probs,
             sde_mask=sde_mask,
-            prompt_embeds=env["prompt_embeds"].cpu(),
-            prompt_embeds_mask=env["prompt_embeds_mask"].cpu(),
-            negative_prompt_embeds=None if env["negative_prompt_embeds"] is None else env["negative_prompt_embeds"].cpu(),
-            negative_prompt_embeds_mask=(
-                None if env["negative_prompt_embeds_mask"] is None else env["negative_prompt_embeds_mask"].cpu()
-            ),
-            seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
-            prompts=prompts,
-            sampling=sampling,
-            debug={k: torch.stack(v, dim=1).cpu() for k, v in debug.items()} if sampling.return_debug else {},
+            timesteps=scheduler.timesteps.float().cpu(),
+            sigmas=scheduler.sigmas.float().cpu(),
+            debug=recorder.debug(),
+            seconds=time.perf_counter() - loop_start,
         )
-        timings["total_s"] = time.perf_counter() - start
-        result.timings = timings
-        return result
 
     # -- stages -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,615 @@
+"""Rollout and LoRA-sync benchmark: plain diffusers vs. our log-prob rollout, side by side in one run.
+
+    python benchmarks/rollout_bench.py                 # real-size Qwen-Image DiT (20.4B, random bf16) on one GPU
+    python benchmarks/rollout_bench.py --tiny          # the tiny model on the CPU (what CI runs)
+
+The DiT is built with random weights directly on the device (no checkpoint); prompts are random embeddings of a
+fixed length (``--text-len``), the negative prompt a shorter one, as a real " " negative prompt is. Variants:
+
+* ``diffusers``: stock ``QwenImagePipeline`` loop, eager, CFG as two forwards (what a user would pick);
+* ``ours_nocapture``: our loop (``predict_velocity`` + scheduler step) with ODE steps and no capture;
+* ``ours_sde`` / ``ours_cps`` (all steps but the last stochastic) and ``*_window`` (2-step window): our rollout with
+  log-probs and trajectory capture, eager;
+* ``ours_opt``: everything on: regional ``torch.compile`` of the transformer blocks, batched CFG, the attention
+  backend picked for the mask (``--attn``).
+
+Reported per resolution and batch size: images/s for a full rollout (DiT + our sampling; text encoding and VAE
+excluded, the same for every variant), ms per DiT forward (per CFG pass of the batch), achieved TFLOP/s (FLOPs
+counted with ``torch.utils.flop_counter.FlopCounterMode``), the fraction of ``--peak-tflops``, peak memory, and
+ratios to the diffusers baseline. ``--lora`` adds rank-32 LoRA sync latency (in-memory from GPU and CPU tensors,
+disk round trip, plain peft) and sampling speed with the LoRA applied. Results go to ``--out`` as JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from verl_diffusion_rollout.config import DiffusionSamplingConfig  # noqa: E402
+from verl_diffusion_rollout.pipelines.qwenimage import (  # noqa: E402
+    QwenImageLogProbPipeline,
+    TextConditioning,
+    img_shapes_for,
+    predict_velocity,
+)
+from verl_diffusion_rollout.scheduler import FlowMatchSDEDiscreteScheduler  # noqa: E402
+
+QWEN_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    shift=1.0,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+    use_dynamic_shifting=True,
+)
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+# -- setup ----------------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_dit(tiny: bool, device: torch.device, dtype: torch.dtype):
+    """The Qwen-Image DiT with its published config (or the tiny test dims), random weights, built on ``device``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    if tiny:
+        from verl_diffusion_rollout.testing import TINY_QWENIMAGE_DIMS
+
+        kwargs = dict(TINY_QWENIMAGE_DIMS["transformer"])
+    else:
+        kwargs = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                      num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                      axes_dims_rope=(16, 56, 56))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = QwenImageTransformer2DModel(**kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    # A transformer-style init keeps 60 random layers finite in bf16 (default init can overflow).
+    with torch.no_grad():
+        for module in dit.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, 0.02)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return dit.eval().requires_grad_(False)
+
+
+def make_env(batch: int, text_len: int, neg_len: int, dim: int, device, dtype, cfg: bool) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    env = {
+        "prompt_embeds": torch.randn(batch, text_len, dim, generator=g).to(device, dtype),
+        "prompt_embeds_mask": torch.ones(batch, text_len, dtype=torch.long, device=device),
+        "negative_prompt_embeds": None,
+        "negative_prompt_embeds_mask": None,
+    }
+    if cfg:
+        env["negative_prompt_embeds"] = torch.randn(batch, neg_len, dim, generator=g).to(device, dtype)
+        env["negative_prompt_embeds_mask"] = torch.ones(batch, neg_len, dtype=torch.long, device=device)
+    return env
+
+
+@contextlib.contextmanager
+def attention_backend(name: str | None):
+    """``torch.nn.attention.sdpa_kernel`` for a backend name (``None``: PyTorch's own choice)."""
+    if not name:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    with sdpa_kernel([backends[n] for n in name.split("+")]):
+        yield
+
+
+@contextlib.contextmanager
+def compiled_blocks(dit, enabled: bool):
+    """Regional compilation: each transformer block through one compiled graph (swapped in, then back out)."""
+    if not enabled:
+        yield
+        return
+    original = dit.transformer_blocks
+    dit.transformer_blocks = torch.nn.ModuleList([torch.compile(b, dynamic=False) for b in original])
+    try:
+        yield
+    finally:
+        dit.transformer_blocks = original
+
+
+# -- variants ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    resolution: int
+    batch: int
+    steps: int
+    cfg: float
+    text_len: int
+    neg_len: int
+    timed_steps: int  # steps actually run; time is scaled to `steps`
+
+
+def run_diffusers(dit, device, dtype, s: Setting) -> float:
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=None,
+                             text_encoder=None, tokenizer=None, transformer=dit)
+    pipe.set_progress_bar_config(disable=True)
+    env = make_env(s.batch, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, s.cfg > 1)
+    sync(device)
+    start = time.perf_counter()
+    pipe(prompt_embeds=env["prompt_embeds"], prompt_embeds_mask=env["prompt_embeds_mask"],
+         negative_prompt_embeds=env["negative_prompt_embeds"],
+         negative_prompt_embeds_mask=env["negative_prompt_embeds_mask"], true_cfg_scale=s.cfg,
+         height=s.resolution, width=s.resolution, num_inference_steps=s.timed_steps, output_type="latent",
+         generator=torch.Generator(device="cpu").manual_seed(0))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def our_pipeline(dit) -> QwenImageLogProbPipeline:
+    pipe = QwenImageLogProbPipeline(scheduler=FlowMatchSDEDiscreteScheduler(**QWEN_SCHEDULER), vae=None,
+                                    text_encoder=None, tokenizer=None, transformer=dit)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_nocapture(dit, device, dtype, s: Setting, batch_cfg: bool = False) -> float:
+    """Our building blocks (predict_velocity + Euler step), no log-probs, no trajectory."""
+    pipe = our_pipeline(dit)
+    env = make_env(s.batch, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, s.cfg > 1)
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        text = TextConditioning.build(**env, guidance_scale=s.cfg, batch_cfg=batch_cfg, dtype=dtype)
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(s.batch)]
+        x = pipe.prepare_rollout_latents(gens, s.resolution, s.resolution, device)
+        sched = pipe.request_scheduler(s.timed_steps, image_seq_len=x.shape[1], device=device)
+        shapes = img_shapes_for(s.batch, s.resolution, s.resolution, pipe.vae_scale_factor)
+        for t in sched.timesteps:
+            v = predict_velocity(dit, x, t.expand(s.batch), text, shapes)
+            x = sched.step(v, t, x).prev_sample
+    sync(device)
+    return time.perf_counter() - start
+
+
+def run_ours(dit, device, dtype, s: Setting, sde_type: str, window: bool, batch_cfg: bool) -> float:
+    pipe = our_pipeline(dit)
+    env = make_env(s.batch, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, s.cfg > 1)
+    sampling = DiffusionSamplingConfig(
+        height=s.resolution, width=s.resolution, num_steps=s.timed_steps, guidance_scale=s.cfg, sde_type=sde_type,
+        noise_level=0.7, batch_cfg=batch_cfg,
+        sde_window=[0, 1] if window and s.timed_steps > 2 else None,
+    )
+    sync(device)
+    start = time.perf_counter()
+    traj = pipe.denoise(env, list(range(s.batch)), sampling)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    if not bool(torch.isfinite(traj.latents).all()):
+        raise FloatingPointError("non-finite latents")
+    return elapsed
+
+
+def forward_flops(dit, device, dtype, s: Setting) -> float:
+    """FLOPs of one conditional DiT forward for one sample (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pipe = our_pipeline(dit)
+    env = make_env(1, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, False)
+    text = TextConditioning.build(**env, guidance_scale=1.0, batch_cfg=False, dtype=dtype)
+    gens = [torch.Generator("cpu").manual_seed(0)]
+    x = pipe.prepare_rollout_latents(gens, s.resolution, s.resolution, device)
+    shapes = img_shapes_for(1, s.resolution, s.resolution, pipe.vae_scale_factor)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        predict_velocity(dit, x, torch.full((1,), 500.0, device=device), text, shapes)
+    return float(counter.get_total_flops())
+
+
+# -- the matrix --------------------------------------------------------------------------------------------------
+
+
+def measure(fn: Callable[[], float], device, repeats: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [fn() for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return float(np.median(times)), peak
+
+
+def run_matrix(dit, device, dtype, args, results: dict) -> None:
+    variants = [v for v in args.variants.split(",") if v]
+    for res in args.resolutions:
+        timed = args.timed_steps_1024 if res >= 1024 else args.steps
+        flops = forward_flops(dit, device, dtype, Setting(res, 1, args.steps, args.cfg, args.text_len, args.neg_len, 1))
+        results["flops_per_forward"][str(res)] = flops
+        for batch in args.batch_sizes:
+            s = Setting(res, batch, args.steps, args.cfg, args.text_len, args.neg_len, timed)
+            passes = 2 if args.cfg > 1 else 1
+            for name in variants:
+                fn = {
+                    "diffusers": lambda: run_diffusers(dit, device, dtype, s),
+                    "ours_nocapture": lambda: run_nocapture(dit, device, dtype, s),
+                    "ours_sde": lambda: run_ours(dit, device, dtype, s, "sde", False, False),
+                    "ours_cps": lambda: run_ours(dit, device, dtype, s, "cps", False, False),
+                    "ours_sde_window": lambda: run_ours(dit, device, dtype, s, "sde", True, False),
+                    "ours_cps_window": lambda: run_ours(dit, device, dtype, s, "cps", True, False),
+                    "ours_opt_nocapture": lambda: run_nocapture(dit, device, dtype, s, batch_cfg=args.opt_batch_cfg),
+                    "ours_opt": lambda: run_ours(dit, device, dtype, s, "sde", True, args.opt_batch_cfg),
+                }[name]
+                opt = name.startswith("ours_opt")
+                row = {"resolution": res, "batch": batch, "variant": name, "timed_steps": timed}
+                try:
+                    with compiled_blocks(dit, opt and args.compile), attention_backend(args.attn if opt else None):
+                        seconds, peak = measure(fn, device, args.repeats)
+                    rollout_s = seconds * args.steps / timed
+                    row.update(
+                        rollout_s=rollout_s,
+                        images_per_s=batch / rollout_s,
+                        ms_per_forward=1000 * rollout_s / (args.steps * passes),
+                        tflops=flops * batch * passes * args.steps / rollout_s / 1e12,
+                        peak_gib=peak,
+                    )
+                    row["ceiling_fraction"] = row["tflops"] / args.peak_tflops
+                except Exception as err:  # keep the other measurements
+                    row["error"] = f"{type(err).__name__}: {err}"[:300]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                results["rollout"].append(row)
+                print(json.dumps(row), flush=True)
+                gc.collect()
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------------
+
+
+def lora_bench(dit, device, dtype, args, results: dict) -> None:
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from verl_diffusion_rollout.lora_sync import LoRASpec, MergedLoRA
+
+    rank = args.lora_rank
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ATTENTION_PROJECTIONS)
+    spec = LoRASpec.from_model(dit, config)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    loras = [
+        {name: (torch.randn(shape, generator=g) * 0.01).to(device, dtype) for name, shape in spec.shapes.items()}
+        for _ in range(2)
+    ]
+    out: dict[str, Any] = {"rank": rank, "modules": len(spec.modules), "tensors": len(spec.shapes),
+                           "params": int(sum(np.prod(s) for s in spec.shapes.values())),
+                           "mib": sum(int(np.prod(s)) for s in spec.shapes.values()) * 2 / 2**20}
+    base_weights = {n: dit.get_submodule(n).weight.detach().clone() for n in spec.modules[:4]}
+
+    s = Setting(args.lora_resolution, args.lora_batch, args.steps, args.cfg, args.text_len, args.neg_len, args.steps)
+    fwd = lambda: run_nocapture(dit, device, dtype, s, batch_cfg=True)  # noqa: E731
+    out["rollout_s_no_lora"], _ = measure(fwd, device, args.repeats)
+
+    merged = MergedLoRA(dit, spec)
+    out["merge_extra_gib"] = merged.extra_bytes / 2**30
+
+    def sync_from(tensors: dict[str, torch.Tensor]) -> float:
+        sync(device)
+        start = time.perf_counter()
+        merged.stage(tensors.items())
+        merged.commit()
+        sync(device)
+        return time.perf_counter() - start
+
+    times_gpu = [sync_from(loras[i % 2]) for i in range(args.lora_syncs)]
+    out["sync_ms_from_gpu_median"] = 1000 * float(np.median(times_gpu[2:]))
+    cpu_loras = [{k: v.cpu() for k, v in lora.items()} for lora in loras]
+    times_cpu = [sync_from(cpu_loras[i % 2]) for i in range(8)]
+    out["sync_ms_from_cpu_median"] = 1000 * float(np.median(times_cpu[2:]))
+    pinned = [{k: v.pin_memory() for k, v in lora.items()} for lora in cpu_loras] if device.type == "cuda" else cpu_loras
+    times_pinned = [sync_from(pinned[i % 2]) for i in range(8)]
+    out["sync_ms_from_pinned_cpu_median"] = 1000 * float(np.median(times_pinned[2:]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "lora.safetensors")
+        disk = []
+        for i in range(4):
+            sync(device)
+            start = time.perf_counter()
+            save_file({k: v.contiguous() for k, v in loras[i % 2].items()}, path)
+            loaded = load_file(path, device=str(device))
+            merged.stage(loaded.items())
+            merged.commit()
+            sync(device)
+            disk.append(time.perf_counter() - start)
+        out["sync_ms_disk_roundtrip_median"] = 1000 * float(np.median(disk[1:]))
+
+    # Exactness over many syncs: after N alternating syncs, weights equal one sync of the last LoRA.
+    last = loras[(args.lora_syncs - 1) % 2]
+    after_many = {n: dit.get_submodule(n).weight.detach().clone() for n in spec.modules[:8]}
+    merged.restore()
+    merged.stage(last.items())
+    merged.commit()
+    out["no_drift_after_syncs"] = all(
+        torch.equal(after_many[n], dit.get_submodule(n).weight) for n in after_many
+    )
+    out["syncs_checked"] = args.lora_syncs + 12
+    out["rollout_s_merged_lora"], _ = measure(fwd, device, args.repeats)
+    out["merged_vs_no_lora"] = out["rollout_s_merged_lora"] / out["rollout_s_no_lora"]
+    merged.restore()
+    out["base_restored_exactly"] = all(torch.equal(base_weights[n], dit.get_submodule(n).weight) for n in base_weights)
+    del merged
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # Plain peft: adapter layers (unmerged), state dict loaded with set_peft_model_state_dict.
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    inject_adapter_in_model(config, dit)
+    peft_state = {k: v for k, v in loras[0].items()}
+    peft_times = []
+    for i in range(6):
+        sync(device)
+        start = time.perf_counter()
+        set_peft_model_state_dict(dit, loras[i % 2] if i else peft_state)
+        sync(device)
+        peft_times.append(time.perf_counter() - start)
+    out["peft_set_state_dict_ms_median"] = 1000 * float(np.median(peft_times[1:]))
+    out["rollout_s_peft_unmerged"], _ = measure(fwd, device, args.repeats)
+    out["peft_unmerged_vs_no_lora"] = out["rollout_s_peft_unmerged"] / out["rollout_s_no_lora"]
+    results["lora"] = out
+    print(json.dumps({"lora": out}), flush=True)
+
+
+# -- numerics ---------------------------------------------------------------------------------------------------
+
+
+def numerics(device, args, results: dict) -> None:
+    """ODE exactness against diffusers' Euler step, and rollout-vs-replay log-prob differences, in bf16 and fp32."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from verl_diffusion_rollout.contract import RolloutBatch
+    from verl_diffusion_rollout.sde import sde_step_with_logprob
+    from verl_diffusion_rollout.trainer.replay import compute_log_probs, trainable_steps
+
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
+        ref.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10), mu=0.8, device=device)
+        x = torch.randn(4, 256, 64, device=device).to(dtype)
+        exact = True
+        for i, t in enumerate(ref.timesteps):
+            v = torch.randn(4, 256, 64, device=device).to(dtype)
+            expected = ref.step(v, t, x, return_dict=False)[0]
+            got = sde_step_with_logprob(v, x, ref.sigmas[i].cpu(), ref.sigmas[i + 1].cpu(), sde_type="ode").prev_sample
+            exact &= torch.equal(expected, got)
+            x = expected
+        out[f"ode_bit_exact_{str(dtype).split('.')[-1]}"] = bool(exact)
+
+        # Replay: a 2-layer DiT of the real width, same kernels for rollout and replay.
+        dit = build_dit(args.tiny, device, dtype) if args.tiny else _small_real_width_dit(device, dtype)
+        pipe = our_pipeline(dit)
+        for compiled in ((False, True) if (device.type == "cuda" and args.compile) else (False,)):
+            with compiled_blocks(dit, compiled):
+                for sde_type in ("sde", "cps"):
+                    sampling = DiffusionSamplingConfig(height=256 if not args.tiny else 64, width=256 if not args.tiny else 64,
+                                                       num_steps=6, guidance_scale=4.0, sde_type=sde_type,
+                                                       noise_level=0.9, sde_window=[1, 3])
+                    env = make_env(4, args.text_len, args.neg_len, dit.config.joint_attention_dim, device, dtype, True)
+                    traj = pipe.denoise(env, [1, 2, 3, 4], sampling)
+                    batch = RolloutBatch(
+                        responses=torch.zeros(4, 3, 1, 1), all_latents=traj.latents,
+                        all_timesteps=traj.timesteps.expand(4, -1), all_sigmas=traj.sigmas.expand(4, -1),
+                        rollout_log_probs=traj.log_probs, sde_mask=traj.sde_mask,
+                        prompt_embeds=env["prompt_embeds"], prompt_embeds_mask=env["prompt_embeds_mask"],
+                        negative_prompt_embeds=env["negative_prompt_embeds"],
+                        negative_prompt_embeds_mask=env["negative_prompt_embeds_mask"],
+                        seeds=torch.arange(4), prompts=["x"] * 4, sampling=sampling,
+                    )
+                    steps = trainable_steps(batch)
+                    with torch.no_grad():
+                        replayed = compute_log_probs(dit, batch, steps).cpu()
+                    diff = (replayed - traj.log_probs[:, steps]).abs().max().item()
+                    key = f"replay_max_abs_diff_{sde_type}_{str(dtype).split('.')[-1]}{'_compiled' if compiled else ''}"
+                    out[key] = diff
+        del dit, pipe
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["numerics"] = out
+    print(json.dumps({"numerics": out}), flush=True)
+
+
+def _small_real_width_dit(device, dtype):
+    from diffusers import QwenImageTransformer2DModel
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = QwenImageTransformer2DModel(num_layers=2)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for m in dit.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, 0.02)
+    return dit.eval().requires_grad_(False)
+
+
+# -- reporting ----------------------------------------------------------------------------------------------------
+
+
+def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['meta']['device_tag']}_{results['meta']['date']}"
+    json_path = out_dir / f"{stem}.json"
+    md_path = out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(results, indent=2))
+    md_path.write_text(markdown(results))
+    return json_path, md_path
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# Rollout benchmark: {meta['device']} ({meta['date']})",
+        "",
+        f"torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['model']}, {meta['dtype']}, "
+        f"{meta['steps']} steps, true CFG {meta['cfg']}, prompt {meta['text_len']} tokens, negative {meta['neg_len']} "
+        f"tokens. Images/s count the DiT and our sampling (text encoder and VAE excluded, the same for every variant). "
+        f"Ceiling: {meta['peak_tflops']} TFLOP/s bf16. Command: `{meta['command']}`",
+        "",
+    ]
+    flops = results.get("flops_per_forward", {})
+    if flops:
+        lines.append("FLOPs per DiT forward (one sample, one CFG pass): " + ", ".join(
+            f"{r}px {f / 1e12:.2f} TFLOP" for r, f in flops.items()))
+        lines.append("")
+    rows = results.get("rollout", [])
+    base = {(r["resolution"], r["batch"]): r for r in rows if r["variant"] == "diffusers" and "error" not in r}
+    lines += [
+        "| res | batch | variant | img/s | ms/forward | TFLOP/s | of ceiling | peak GiB | vs diffusers |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['resolution']} | {r['batch']} | {r['variant']} | error: {r['error'][:60]} | | | | | |")
+            continue
+        b = base.get((r["resolution"], r["batch"]))
+        ratio = f"{r['images_per_s'] / b['images_per_s']:.2f}x" if b else ""
+        lines.append(
+            f"| {r['resolution']} | {r['batch']} | {r['variant']} | {r['images_per_s']:.3f} | {r['ms_per_forward']:.1f} | "
+            f"{r['tflops']:.0f} | {100 * r['ceiling_fraction']:.0f}% | {r['peak_gib']:.1f} | {ratio} |"
+        )
+    if "lora" in results:
+        lo = results["lora"]
+        lines += [
+            "",
+            f"## LoRA sync (rank {lo['rank']}, {lo['modules']} attention projections, {lo['tensors']} tensors, "
+            f"{lo['mib']:.0f} MiB)",
+            "",
+            "| path | ms |",
+            "| --- | ---: |",
+            f"| in-memory, merged, from GPU tensors | {lo['sync_ms_from_gpu_median']:.1f} |",
+            f"| in-memory, merged, from CPU tensors | {lo['sync_ms_from_cpu_median']:.1f} |",
+            f"| in-memory, merged, from pinned CPU tensors | {lo['sync_ms_from_pinned_cpu_median']:.1f} |",
+            f"| save to disk + load + merge | {lo['sync_ms_disk_roundtrip_median']:.1f} |",
+            f"| plain peft set_peft_model_state_dict (GPU tensors, unmerged) | {lo['peft_set_state_dict_ms_median']:.1f} |",
+            "",
+            f"Sampling time with the merged LoRA / without LoRA: {lo['merged_vs_no_lora']:.3f}; with peft's unmerged "
+            f"adapter: {lo['peft_unmerged_vs_no_lora']:.3f}. Base copy kept for exact re-merging: "
+            f"{lo['merge_extra_gib']:.2f} GiB. Weights after {lo['syncs_checked']} syncs equal one sync of the same LoRA: "
+            f"{lo['no_drift_after_syncs']}; base restored exactly: {lo['base_restored_exactly']}.",
+        ]
+    if "numerics" in results:
+        lines += ["", "## Numerics", ""] + [f"- {k}: {v}" for k, v in results["numerics"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (a smoke run, as CI does)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=None)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--timed-steps-1024", type=int, default=10, help="steps run at >= 1024px (time scaled to --steps)")
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--text-len", type=int, default=64)
+    parser.add_argument("--neg-len", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variants", default="diffusers,ours_nocapture,ours_sde,ours_cps,ours_sde_window,ours_cps_window,ours_opt_nocapture,ours_opt")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--attn", default=None, help="SDPA backend(s) for ours_opt, e.g. cudnn or flash+efficient")
+    parser.add_argument("--opt-batch-cfg", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-batch", type=int, default=8)
+    parser.add_argument("--lora-resolution", type=int, default=512)
+    parser.add_argument("--lora-syncs", type=int, default=200)
+    parser.add_argument("--numerics", action="store_true")
+    parser.add_argument("--skip-matrix", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.resolutions is None:
+        args.resolutions = [64] if args.tiny else [512, 1024]
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    if args.tiny:
+        args.text_len, args.neg_len = min(args.text_len, 16), min(args.neg_len, 4)
+        args.lora_resolution, args.lora_rank, args.lora_syncs = 64, 4, 12
+    torch.backends.cuda.matmul.allow_tf32 = True
+    import diffusers
+
+    results: dict[str, Any] = {
+        "meta": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device_tag": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu").replace(" ", "-"),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "model": "tiny Qwen-Image DiT" if args.tiny else "Qwen-Image DiT (60 layers, 24x128 heads, 20.4B, random)",
+            "dtype": str(dtype).split(".")[-1],
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "text_len": args.text_len,
+            "neg_len": args.neg_len,
+            "peak_tflops": args.peak_tflops,
+            "compile": args.compile,
+            "attn": args.attn,
+            "command": " ".join(sys.argv),
+        },
+        "flops_per_forward": {},
+        "rollout": [],
+    }
+    if args.numerics:
+        numerics(device, args, results)
+    dit = None
+    if not args.skip_matrix or args.lora:
+        start = time.perf_counter()
+        dit = build_dit(args.tiny, device, dtype)
+        results["meta"]["params_b"] = sum(p.numel() for p in dit.parameters()) / 1e9
+        results["meta"]["build_s"] = time.perf_counter() - start
+        print(json.dumps({"built": results["meta"]["params_b"], "s": results["meta"]["build_s"]}), flush=True)
+    if not args.skip_matrix:
+        run_matrix(dit, device, dtype, args, results)
+    if args.lora:
+        lora_bench(dit, device, dtype, args, results)
+    json_path, md_path = write_report(results, Path(args.out))
+    print(markdown(results))
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
