@@ -10,8 +10,11 @@ fixed length (``--text-len``), the negative prompt a shorter one, as a real " " 
 * ``ours_nocapture``: our loop (``predict_velocity`` + scheduler step) with ODE steps and no capture;
 * ``ours_sde`` / ``ours_cps`` (all steps but the last stochastic) and ``*_window`` (2-step window): our rollout with
   log-probs and trajectory capture, eager;
-* ``ours_opt``: everything on: regional ``torch.compile`` of the transformer blocks, batched CFG, the attention
-  backend picked for the mask (``--attn``).
+* ``ours_attn``: ``ours_sde_window`` with batched CFG and the attention backend ``--attn`` (cuDNN first), eager;
+* ``ours_opt`` / ``ours_opt_full`` / ``ours_opt_nocapture``: everything on (regional ``torch.compile`` of the
+  transformer blocks, batched CFG, ``--attn``), with a 2-step window / every step stochastic / no capture.
+
+``--variants`` run at the batch sizes in ``--full-batches``; the others run ``--core-variants``.
 
 Reported per resolution and batch size: images/s for a full rollout (DiT + our sampling; text encoding and VAE
 excluded, the same for every variant), ms per DiT forward (per CFG pass of the batch), achieved TFLOP/s (FLOPs
@@ -45,6 +48,7 @@ from verl_diffusion_rollout.config import DiffusionSamplingConfig  # noqa: E402
 from verl_diffusion_rollout.pipelines.qwenimage import (  # noqa: E402
     QwenImageLogProbPipeline,
     TextConditioning,
+    attention_backend,
     img_shapes_for,
     predict_velocity,
 )
@@ -115,20 +119,6 @@ def make_env(batch: int, text_len: int, neg_len: int, dim: int, device, dtype, c
 
 
 @contextlib.contextmanager
-def attention_backend(name: str | None):
-    """``torch.nn.attention.sdpa_kernel`` for a backend name (``None``: PyTorch's own choice)."""
-    if not name:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    with sdpa_kernel([backends[n] for n in name.split("+")]):
-        yield
-
-
-@contextlib.contextmanager
 def compiled_blocks(dit, enabled: bool):
     """Regional compilation: each transformer block through one compiled graph (swapped in, then back out)."""
     if not enabled:
@@ -156,7 +146,7 @@ class Setting:
     timed_steps: int  # steps actually run; time is scaled to `steps`
 
 
-def run_diffusers(dit, device, dtype, s: Setting) -> float:
+def run_diffusers(dit, device, dtype, s: Setting, steps: int) -> float:
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=None,
@@ -168,30 +158,31 @@ def run_diffusers(dit, device, dtype, s: Setting) -> float:
     pipe(prompt_embeds=env["prompt_embeds"], prompt_embeds_mask=env["prompt_embeds_mask"],
          negative_prompt_embeds=env["negative_prompt_embeds"],
          negative_prompt_embeds_mask=env["negative_prompt_embeds_mask"], true_cfg_scale=s.cfg,
-         height=s.resolution, width=s.resolution, num_inference_steps=s.timed_steps, output_type="latent",
+         height=s.resolution, width=s.resolution, num_inference_steps=steps, output_type="latent",
          generator=torch.Generator(device="cpu").manual_seed(0))
     sync(device)
     return time.perf_counter() - start
 
 
-def our_pipeline(dit) -> QwenImageLogProbPipeline:
+def our_pipeline(dit, attention: str = "default") -> QwenImageLogProbPipeline:
     pipe = QwenImageLogProbPipeline(scheduler=FlowMatchSDEDiscreteScheduler(**QWEN_SCHEDULER), vae=None,
                                     text_encoder=None, tokenizer=None, transformer=dit)
     pipe.set_progress_bar_config(disable=True)
+    pipe.attention_backend = attention
     return pipe
 
 
-def run_nocapture(dit, device, dtype, s: Setting, batch_cfg: bool = False) -> float:
+def run_nocapture(dit, device, dtype, s: Setting, steps: int, batch_cfg: bool = False, attention: str = "default") -> float:
     """Our building blocks (predict_velocity + Euler step), no log-probs, no trajectory."""
-    pipe = our_pipeline(dit)
+    pipe = our_pipeline(dit, attention)
     env = make_env(s.batch, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, s.cfg > 1)
     sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), attention_backend(attention, device):
         text = TextConditioning.build(**env, guidance_scale=s.cfg, batch_cfg=batch_cfg, dtype=dtype)
         gens = [torch.Generator("cpu").manual_seed(i) for i in range(s.batch)]
         x = pipe.prepare_rollout_latents(gens, s.resolution, s.resolution, device)
-        sched = pipe.request_scheduler(s.timed_steps, image_seq_len=x.shape[1], device=device)
+        sched = pipe.request_scheduler(steps, image_seq_len=x.shape[1], device=device)
         shapes = img_shapes_for(s.batch, s.resolution, s.resolution, pipe.vae_scale_factor)
         for t in sched.timesteps:
             v = predict_velocity(dit, x, t.expand(s.batch), text, shapes)
@@ -200,13 +191,14 @@ def run_nocapture(dit, device, dtype, s: Setting, batch_cfg: bool = False) -> fl
     return time.perf_counter() - start
 
 
-def run_ours(dit, device, dtype, s: Setting, sde_type: str, window: bool, batch_cfg: bool) -> float:
-    pipe = our_pipeline(dit)
+def run_ours(dit, device, dtype, s: Setting, steps: int, sde_type: str, window: bool, batch_cfg: bool,
+             attention: str = "default") -> float:
+    pipe = our_pipeline(dit, attention)
     env = make_env(s.batch, s.text_len, s.neg_len, dit.config.joint_attention_dim, device, dtype, s.cfg > 1)
     sampling = DiffusionSamplingConfig(
-        height=s.resolution, width=s.resolution, num_steps=s.timed_steps, guidance_scale=s.cfg, sde_type=sde_type,
+        height=s.resolution, width=s.resolution, num_steps=steps, guidance_scale=s.cfg, sde_type=sde_type,
         noise_level=0.7, batch_cfg=batch_cfg,
-        sde_window=[0, 1] if window and s.timed_steps > 2 else None,
+        sde_window=[0, 1] if window and steps > 2 else None,
     )
     sync(device)
     start = time.perf_counter()
@@ -236,18 +228,17 @@ def forward_flops(dit, device, dtype, s: Setting) -> float:
 # -- the matrix --------------------------------------------------------------------------------------------------
 
 
-def measure(fn: Callable[[], float], device, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak GiB) after one warm-up call."""
-    fn()
+def measure(fn: Callable[[int], float], device, repeats: int, steps: int) -> tuple[float, float]:
+    """(median seconds of ``steps``-step runs, peak GiB) after a 2-step warm-up (compiles for the same shapes)."""
+    fn(min(2, steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [fn() for _ in range(repeats)]
+    times = [fn(steps) for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return float(np.median(times)), peak
 
 
 def run_matrix(dit, device, dtype, args, results: dict) -> None:
-    variants = [v for v in args.variants.split(",") if v]
     for res in args.resolutions:
         timed = args.timed_steps_1024 if res >= 1024 else args.steps
         flops = forward_flops(dit, device, dtype, Setting(res, 1, args.steps, args.cfg, args.text_len, args.neg_len, 1))
@@ -255,22 +246,26 @@ def run_matrix(dit, device, dtype, args, results: dict) -> None:
         for batch in args.batch_sizes:
             s = Setting(res, batch, args.steps, args.cfg, args.text_len, args.neg_len, timed)
             passes = 2 if args.cfg > 1 else 1
-            for name in variants:
+            names = args.variants if batch in args.full_batches else args.core_variants
+            for name in [v for v in names.split(",") if v]:
+                attn, bcfg = args.attn, args.opt_batch_cfg
                 fn = {
-                    "diffusers": lambda: run_diffusers(dit, device, dtype, s),
-                    "ours_nocapture": lambda: run_nocapture(dit, device, dtype, s),
-                    "ours_sde": lambda: run_ours(dit, device, dtype, s, "sde", False, False),
-                    "ours_cps": lambda: run_ours(dit, device, dtype, s, "cps", False, False),
-                    "ours_sde_window": lambda: run_ours(dit, device, dtype, s, "sde", True, False),
-                    "ours_cps_window": lambda: run_ours(dit, device, dtype, s, "cps", True, False),
-                    "ours_opt_nocapture": lambda: run_nocapture(dit, device, dtype, s, batch_cfg=args.opt_batch_cfg),
-                    "ours_opt": lambda: run_ours(dit, device, dtype, s, "sde", True, args.opt_batch_cfg),
+                    "diffusers": lambda k: run_diffusers(dit, device, dtype, s, k),
+                    "ours_nocapture": lambda k: run_nocapture(dit, device, dtype, s, k),
+                    "ours_sde": lambda k: run_ours(dit, device, dtype, s, k, "sde", False, False),
+                    "ours_cps": lambda k: run_ours(dit, device, dtype, s, k, "cps", False, False),
+                    "ours_sde_window": lambda k: run_ours(dit, device, dtype, s, k, "sde", True, False),
+                    "ours_cps_window": lambda k: run_ours(dit, device, dtype, s, k, "cps", True, False),
+                    "ours_attn": lambda k: run_ours(dit, device, dtype, s, k, "sde", True, bcfg, attn),
+                    "ours_opt_nocapture": lambda k: run_nocapture(dit, device, dtype, s, k, bcfg, attn),
+                    "ours_opt": lambda k: run_ours(dit, device, dtype, s, k, "sde", True, bcfg, attn),
+                    "ours_opt_full": lambda k: run_ours(dit, device, dtype, s, k, "sde", False, bcfg, attn),
                 }[name]
                 opt = name.startswith("ours_opt")
                 row = {"resolution": res, "batch": batch, "variant": name, "timed_steps": timed}
                 try:
-                    with compiled_blocks(dit, opt and args.compile), attention_backend(args.attn if opt else None):
-                        seconds, peak = measure(fn, device, args.repeats)
+                    with compiled_blocks(dit, opt and args.compile):
+                        seconds, peak = measure(fn, device, args.repeats, timed)
                     rollout_s = seconds * args.steps / timed
                     row.update(
                         rollout_s=rollout_s,
@@ -312,8 +307,8 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
     base_weights = {n: dit.get_submodule(n).weight.detach().clone() for n in spec.modules[:4]}
 
     s = Setting(args.lora_resolution, args.lora_batch, args.steps, args.cfg, args.text_len, args.neg_len, args.steps)
-    fwd = lambda: run_nocapture(dit, device, dtype, s, batch_cfg=True)  # noqa: E731
-    out["rollout_s_no_lora"], _ = measure(fwd, device, args.repeats)
+    fwd = lambda k: run_nocapture(dit, device, dtype, s, k, True, args.attn)  # noqa: E731
+    out["rollout_s_no_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
 
     merged = MergedLoRA(dit, spec)
     out["merge_extra_gib"] = merged.extra_bytes / 2**30
@@ -359,7 +354,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
         torch.equal(after_many[n], dit.get_submodule(n).weight) for n in after_many
     )
     out["syncs_checked"] = args.lora_syncs + 12
-    out["rollout_s_merged_lora"], _ = measure(fwd, device, args.repeats)
+    out["rollout_s_merged_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
     out["merged_vs_no_lora"] = out["rollout_s_merged_lora"] / out["rollout_s_no_lora"]
     merged.restore()
     out["base_restored_exactly"] = all(torch.equal(base_weights[n], dit.get_submodule(n).weight) for n in base_weights)
@@ -381,7 +376,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
         sync(device)
         peft_times.append(time.perf_counter() - start)
     out["peft_set_state_dict_ms_median"] = 1000 * float(np.median(peft_times[1:]))
-    out["rollout_s_peft_unmerged"], _ = measure(fwd, device, args.repeats)
+    out["rollout_s_peft_unmerged"], _ = measure(fwd, device, args.repeats, args.lora_steps)
     out["peft_unmerged_vs_no_lora"] = out["rollout_s_peft_unmerged"] / out["rollout_s_no_lora"]
     results["lora"] = out
     print(json.dumps({"lora": out}), flush=True)
@@ -414,7 +409,7 @@ def numerics(device, args, results: dict) -> None:
 
         # Replay: a 2-layer DiT of the real width, same kernels for rollout and replay.
         dit = build_dit(args.tiny, device, dtype) if args.tiny else _small_real_width_dit(device, dtype)
-        pipe = our_pipeline(dit)
+        pipe = our_pipeline(dit, args.attn)
         for compiled in ((False, True) if (device.type == "cuda" and args.compile) else (False,)):
             with compiled_blocks(dit, compiled):
                 for sde_type in ("sde", "cps"):
@@ -434,7 +429,7 @@ def numerics(device, args, results: dict) -> None:
                     )
                     steps = trainable_steps(batch)
                     with torch.no_grad():
-                        replayed = compute_log_probs(dit, batch, steps).cpu()
+                        replayed = compute_log_probs(dit, batch, steps, attention=args.attn).cpu()
                     diff = (replayed - traj.log_probs[:, steps]).abs().max().item()
                     key = f"replay_max_abs_diff_{sde_type}_{str(dtype).split('.')[-1]}{'_compiled' if compiled else ''}"
                     out[key] = diff
@@ -545,9 +540,11 @@ def main() -> None:
     parser.add_argument("--text-len", type=int, default=64)
     parser.add_argument("--neg-len", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--variants", default="diffusers,ours_nocapture,ours_sde,ours_cps,ours_sde_window,ours_cps_window,ours_opt_nocapture,ours_opt")
+    parser.add_argument("--variants", default="diffusers,ours_nocapture,ours_sde,ours_cps,ours_sde_window,ours_cps_window,ours_attn,ours_opt_nocapture,ours_opt,ours_opt_full")
+    parser.add_argument("--core-variants", default="diffusers,ours_nocapture,ours_sde_window,ours_opt_nocapture,ours_opt")
+    parser.add_argument("--full-batches", type=int, nargs="*", default=[16])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--attn", default=None, help="SDPA backend(s) for ours_opt, e.g. cudnn or flash+efficient")
+    parser.add_argument("--attn", default="auto", help="attention backend of ours_attn/ours_opt (auto: cuDNN first)")
     parser.add_argument("--opt-batch-cfg", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--lora", action="store_true")
@@ -555,6 +552,7 @@ def main() -> None:
     parser.add_argument("--lora-batch", type=int, default=8)
     parser.add_argument("--lora-resolution", type=int, default=512)
     parser.add_argument("--lora-syncs", type=int, default=200)
+    parser.add_argument("--lora-steps", type=int, default=4, help="sampling steps timed with and without the LoRA")
     parser.add_argument("--numerics", action="store_true")
     parser.add_argument("--skip-matrix", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))

@@ -59,6 +59,7 @@ def build_engine(config: DiffusionRolloutConfig, model_path: str) -> DiffusionEn
         lora=config.lora,
         progress_bar=config.progress_bar,
         compile=config.compile,
+        attention_backend=config.attention_backend,
     )
 
 

@@ -33,6 +33,8 @@ class DiffusionRolloutConfig(RolloutConfig):
         lora: the LoRA the trainer syncs (see :class:`LoRASyncConfig`).
         progress_bar: show diffusers' per-step progress bar while sampling.
         compile: ``torch.compile`` the transformer blocks (regional compile; GPU).
+        attention_backend: attention kernels on CUDA: ``auto`` (cuDNN first: 1.5-2.8x faster than PyTorch's pick for
+            Qwen-Image's masked joint attention on Hopper), ``default`` (PyTorch's), or ``cudnn``/``flash``/...
         server_host, server_port: where the HTTP rollout server of a replica listens (port 0: any free port).
     """
 
@@ -45,6 +47,7 @@ class DiffusionRolloutConfig(RolloutConfig):
     lora: LoRASyncConfig = field(default_factory=LoRASyncConfig)
     progress_bar: bool = False
     compile: bool = False
+    attention_backend: str = "auto"
     server_host: str = "127.0.0.1"
     server_port: int = 0
 
@@ -54,6 +57,12 @@ class DiffusionRolloutConfig(RolloutConfig):
             raise ValueError(f"rollout.engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"rollout.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        from .pipelines.qwenimage import ATTENTION_BACKENDS
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"rollout.attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
         if self.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.n}")
         for name, cls in (("sampling", DiffusionSamplingConfig), ("lora", LoRASyncConfig)):

@@ -69,6 +69,7 @@ class DiffusersEngine(DiffusionEngine):
         lora: the LoRA expected from the trainer when ``update_weights`` gets no ``peft_config``.
         progress_bar: show the per-step progress bar while sampling.
         compile: ``torch.compile`` each transformer block (regional compilation, GPU).
+        attention_backend: attention kernels on CUDA (see ``pipelines.qwenimage.attention_backend``).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class DiffusersEngine(DiffusionEngine):
         lora: LoRASyncConfig | None = None,
         progress_bar: bool = False,
         compile: bool = False,
+        attention_backend: str = "auto",
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
@@ -89,6 +91,7 @@ class DiffusersEngine(DiffusionEngine):
         pipe = pipeline_cls.from_pretrained(self.model_path, dtype=self.dtype)
         pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=not progress_bar)
+        pipe.attention_backend = attention_backend
         self.pipe = pipe.to(self.device)
         for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
             module.eval().requires_grad_(False)

@@ -223,7 +223,9 @@ class FlowGRPOTrainer:
                 for u0 in range(0, len(mini_idx), micro):
                     idx = mini_idx[u0 : u0 + micro]
                     sub = batch.select(idx)
-                    replayer = StepReplayer(sub, self.device, self.policy.dtype)
+                    replayer = StepReplayer(
+                        sub, self.device, self.policy.dtype, attention=self.config.rollout.attention_backend
+                    )
                     adv = advantages[idx].to(self.device)
                     weight = len(idx) / (len(mini_idx) * len(steps))
                     for i in steps:

@@ -14,7 +14,7 @@ import torch
 
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
-from ..pipelines.qwenimage import TextConditioning, img_shapes_for, predict_velocity
+from ..pipelines.qwenimage import TextConditioning, attention_backend, img_shapes_for, predict_velocity
 from ..sde import SDEStep, sde_step_with_logprob
 
 __all__ = ["compute_log_probs", "trainable_steps", "StepReplayer"]
@@ -41,6 +41,7 @@ class StepReplayer:
         device, dtype: where and in which dtype the transformer runs.
         guidance_scale: CFG scale to replay with; defaults to the rollout's.
         sampling: sampling config to replay with; defaults to ``batch.sampling``.
+        attention: attention kernels, as the rollout's ``attention_backend`` (same kernels, same numbers).
     """
 
     def __init__(
@@ -51,8 +52,10 @@ class StepReplayer:
         *,
         guidance_scale: float | None = None,
         sampling: DiffusionSamplingConfig | None = None,
+        attention: str | None = "auto",
     ):
         self.batch = batch
+        self.attention = attention
         self.sampling = sampling or batch.sampling
         self.device = device
         scale = self.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -81,7 +84,8 @@ class StepReplayer:
         x = self.batch.all_latents[:, i].to(self.device)
         prev = self.batch.all_latents[:, i + 1].to(self.device)
         timesteps = self.batch.all_timesteps[:, i].to(self.device)
-        velocity = predict_velocity(transformer, x, timesteps, self.text, self.img_shapes)
+        with attention_backend(self.attention, self.device):
+            velocity = predict_velocity(transformer, x, timesteps, self.text, self.img_shapes)
         sde_type = self.sampling.sde_type if bool(self.batch.sde_mask[:, i].any()) else "ode"
         return sde_step_with_logprob(
             velocity,
@@ -108,6 +112,7 @@ def compute_log_probs(
     *,
     guidance_scale: float | None = None,
     sampling: DiffusionSamplingConfig | None = None,
+    attention: str | None = "auto",
 ) -> torch.Tensor:
     """Log-probs of the recorded transitions under ``transformer``.
 
@@ -118,13 +123,14 @@ def compute_log_probs(
         step_indices: steps to score; defaults to :func:`trainable_steps`.
         guidance_scale: CFG scale to replay with; defaults to the rollout's.
         sampling: sampling config to replay with; defaults to ``batch.sampling``.
+        attention: attention kernels (use the rollout's ``attention_backend``).
 
     Returns:
         ``[B, len(step_indices)]`` float32 log-probs (0 at deterministic steps).
     """
     steps = trainable_steps(batch) if step_indices is None else [int(i) for i in step_indices]
     device, dtype = _placement(transformer)
-    replayer = StepReplayer(batch, device, dtype, guidance_scale=guidance_scale, sampling=sampling)
+    replayer = StepReplayer(batch, device, dtype, guidance_scale=guidance_scale, sampling=sampling, attention=attention)
     log_probs = [replayer.step(transformer, i).log_prob for i in steps]
     if not log_probs:
         return torch.zeros(len(batch), 0, dtype=torch.float32, device=device)
