@@ -119,6 +119,21 @@ def make_env(batch: int, text_len: int, neg_len: int, dim: int, device, dtype, c
 
 
 @contextlib.contextmanager
+def joint_attn_processor(dit, enabled: bool):
+    """Our compile-friendly joint-attention processor, swapped in for the variant and back out."""
+    if not enabled:
+        yield
+        return
+    from verl_diffusion_rollout.pipelines.qwenimage_attention import use_joint_attn_processor
+
+    handle = use_joint_attn_processor(dit)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def compiled_blocks(dit, enabled: bool):
     """Regional compilation: each transformer block through one compiled graph (swapped in, then back out)."""
     if not enabled:
@@ -260,11 +275,13 @@ def run_matrix(dit, device, dtype, args, results: dict) -> None:
                     "ours_opt_nocapture": lambda k: run_nocapture(dit, device, dtype, s, k, bcfg, attn),
                     "ours_opt": lambda k: run_ours(dit, device, dtype, s, k, "sde", True, bcfg, attn),
                     "ours_opt_full": lambda k: run_ours(dit, device, dtype, s, k, "sde", False, bcfg, attn),
+                    "ours_opt_stock_processor": lambda k: run_ours(dit, device, dtype, s, k, "sde", True, bcfg, attn),
                 }[name]
                 opt = name.startswith("ours_opt")
+                fast_attn = opt and args.fast_attention and name != "ours_opt_stock_processor"
                 row = {"resolution": res, "batch": batch, "variant": name, "timed_steps": timed}
                 try:
-                    with compiled_blocks(dit, opt and args.compile):
+                    with joint_attn_processor(dit, fast_attn), compiled_blocks(dit, opt and args.compile):
                         seconds, peak = measure(fn, device, args.repeats, timed)
                     rollout_s = seconds * args.steps / timed
                     row.update(
@@ -309,6 +326,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
     s = Setting(args.lora_resolution, args.lora_batch, args.steps, args.cfg, args.text_len, args.neg_len, args.steps)
     fwd = lambda k: run_nocapture(dit, device, dtype, s, k, True, args.attn)  # noqa: E731
     out["rollout_s_no_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
+    out["rollout_s_no_lora_again"], _ = measure(fwd, device, args.repeats, args.lora_steps)
 
     merged = MergedLoRA(dit, spec)
     out["merge_extra_gib"] = merged.extra_bytes / 2**30
@@ -356,6 +374,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
     out["syncs_checked"] = args.lora_syncs + 12
     out["rollout_s_merged_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
     out["merged_vs_no_lora"] = out["rollout_s_merged_lora"] / out["rollout_s_no_lora"]
+    out["no_lora_repeat_spread"] = out["rollout_s_no_lora_again"] / out["rollout_s_no_lora"]
     merged.restore()
     out["base_restored_exactly"] = all(torch.equal(base_weights[n], dit.get_submodule(n).weight) for n in base_weights)
     del merged
@@ -518,7 +537,8 @@ def markdown(results: dict) -> str:
             f"| save to disk + load + merge | {lo['sync_ms_disk_roundtrip_median']:.1f} |",
             f"| plain peft set_peft_model_state_dict (GPU tensors, unmerged) | {lo['peft_set_state_dict_ms_median']:.1f} |",
             "",
-            f"Sampling time with the merged LoRA / without LoRA: {lo['merged_vs_no_lora']:.3f}; with peft's unmerged "
+            f"Sampling time with the merged LoRA / without LoRA: {lo['merged_vs_no_lora']:.3f} (two runs without LoRA: "
+            f"{lo['no_lora_repeat_spread']:.3f}); with peft's unmerged "
             f"adapter: {lo['peft_unmerged_vs_no_lora']:.3f}. Base copy kept for exact re-merging: "
             f"{lo['merge_extra_gib']:.2f} GiB. Weights after {lo['syncs_checked']} syncs equal one sync of the same LoRA: "
             f"{lo['no_drift_after_syncs']}; base restored exactly: {lo['base_restored_exactly']}.",
@@ -546,6 +566,8 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--attn", default="auto", help="attention backend of ours_attn/ours_opt (auto: cuDNN first)")
     parser.add_argument("--opt-batch-cfg", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fast-attention", action=argparse.BooleanOptionalAction, default=True,
+                        help="our joint-attention processor (real-valued RoPE) in the ours_opt variants")
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--lora-rank", type=int, default=32)

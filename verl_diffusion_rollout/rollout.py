@@ -60,6 +60,7 @@ def build_engine(config: DiffusionRolloutConfig, model_path: str) -> DiffusionEn
         progress_bar=config.progress_bar,
         compile=config.compile,
         attention_backend=config.attention_backend,
+        fast_attention=config.fast_attention,
     )
 
 

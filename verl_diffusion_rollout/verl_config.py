@@ -35,6 +35,7 @@ class DiffusionRolloutConfig(RolloutConfig):
         compile: ``torch.compile`` the transformer blocks (regional compile; GPU).
         attention_backend: attention kernels on CUDA: ``auto`` (cuDNN first: 1.5-2.8x faster than PyTorch's pick for
             Qwen-Image's masked joint attention on Hopper), ``default`` (PyTorch's), or ``cudnn``/``flash``/...
+        fast_attention: Qwen-Image joint attention with real-valued RoPE (same function; fuses under compile).
         server_host, server_port: where the HTTP rollout server of a replica listens (port 0: any free port).
     """
 
@@ -48,6 +49,7 @@ class DiffusionRolloutConfig(RolloutConfig):
     progress_bar: bool = False
     compile: bool = False
     attention_backend: str = "auto"
+    fast_attention: bool = True
     server_host: str = "127.0.0.1"
     server_port: int = 0
 

@@ -23,6 +23,7 @@ from ..lora_sync import (
     to_lora_config,
 )
 from ..pipelines import get_pipeline_class, pipeline_class_name
+from ..pipelines.qwenimage_attention import use_joint_attn_processor
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from .base import DiffusionEngine, ReadWriteLock, expand_group_request
 
@@ -70,6 +71,8 @@ class DiffusersEngine(DiffusionEngine):
         progress_bar: show the per-step progress bar while sampling.
         compile: ``torch.compile`` each transformer block (regional compilation, GPU).
         attention_backend: attention kernels on CUDA (see ``pipelines.qwenimage.attention_backend``).
+        fast_attention: swap in :class:`~verl_diffusion_rollout.pipelines.qwenimage_attention.QwenJointAttnProcessor`
+            (same function, real-valued RoPE that ``torch.compile`` fuses).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class DiffusersEngine(DiffusionEngine):
         progress_bar: bool = False,
         compile: bool = False,
         attention_backend: str = "auto",
+        fast_attention: bool = True,
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
@@ -95,6 +99,7 @@ class DiffusersEngine(DiffusionEngine):
         self.pipe = pipe.to(self.device)
         for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
             module.eval().requires_grad_(False)
+        self.attn_processor = use_joint_attn_processor(pipe.transformer) if fast_attention else None
         if compile:
             for block in pipe.transformer.transformer_blocks:
                 block.compile()

@@ -30,6 +30,7 @@ from verl import DataProto
 from ..contract import RolloutBatch
 from ..engines.base import MAX_SEED
 from ..engines.diffusers_engine import resolve_device, resolve_dtype
+from ..pipelines.qwenimage_attention import use_joint_attn_processor
 from ..rollout import from_data_proto
 from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
@@ -68,6 +69,8 @@ class FlowGRPOTrainer:
         dtype = resolve_dtype(config.actor.dtype)
         policy = QwenImageTransformer2DModel.from_pretrained(config.model.local_path, subfolder="transformer", dtype=dtype)
         policy.requires_grad_(False)
+        if config.rollout.fast_attention:  # the rollout's kernels, so replay matches it exactly
+            use_joint_attn_processor(policy)
         if config.actor.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         self.peft_config = LoraConfig(
