@@ -188,6 +188,7 @@ def test_scheduler_template_is_never_mutated(engine, small_sampling):
         (lambda e, s: e.generate([3], sampling=s), ValueError, "every prompt must be a string"),
         (lambda e, s: e.generate(["x"], sampling=s.replace(height=60)), ValueError, "multiples of 8.*60x64"),
         (lambda e, s: e.generate(["x"], seeds=[-1], sampling=s), ValueError, "seeds must be in"),
+        (lambda e, s: e.generate(["x"], sampling=s.replace(num_steps=1)), ValueError, "num_steps=1 gives a non-finite"),
     ],
 )
 def test_bad_requests_raise_clear_errors(engine, small_sampling, call, error, match):

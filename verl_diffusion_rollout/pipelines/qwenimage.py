@@ -523,7 +523,13 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             config.get("max_shift", 1.15),
         )
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        return template.for_request(num_steps, sigmas=sigmas, mu=mu, device=device)
+        scheduler = template.for_request(num_steps, sigmas=sigmas, mu=mu, device=device)
+        if not bool(torch.isfinite(scheduler._host_sigmas).all()):
+            raise ValueError(
+                f"num_steps={num_steps} gives a non-finite sigma schedule with this scheduler "
+                f"(shift_terminal={config.get('shift_terminal')}); use more steps"
+            )
+        return scheduler
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
