@@ -177,3 +177,30 @@ def test_sampler_core_imports_without_verl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_vllm_omni_engine_is_optional_and_says_how_to_get_it(tiny_model_path):
+    import importlib.util
+
+    from verl_diffusion_rollout.engines import get_engine_class
+
+    engine_cls = get_engine_class("vllm_omni")
+    assert engine_cls.__name__ == "VLLMOmniEngine"
+    if importlib.util.find_spec("vllm_omni") is not None:
+        pytest.skip("vllm-omni is installed here; tests/test_vllm_omni.py covers it")
+    with pytest.raises(ImportError, match=r"pip install 'verl_diffusion_rollout\[vllm-omni\]'"):
+        engine_cls(tiny_model_path, device="cuda")
+
+
+def test_vllm_omni_custom_pipeline_module_compiles():
+    """It imports vllm-omni's GPU pipeline, so it cannot be imported here; at least it must be valid Python."""
+    import ast
+    from pathlib import Path
+
+    import verl_diffusion_rollout.engines as engines
+
+    source = (Path(engines.__file__).parent / "vllm_omni_pipeline.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {"VLLMOmniQwenImageLogProbPipeline", "LoRAPatchWorkerExtension"} <= classes
+    compile(source, "vllm_omni_pipeline.py", "exec")

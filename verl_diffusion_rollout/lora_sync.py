@@ -16,6 +16,11 @@ LoRA is applied in one of two ways (``LoRASyncConfig.merge``):
 * :class:`AdapterLoRA`: peft LoRA layers injected into the transformer (unmerged); a sync copies ``lora_A`` /
   ``lora_B`` in place. Sampling pays the LoRA matmuls, but runs the same kernels as a peft trainer.
 
+For the vllm-omni engine, vllm-omni's ``DiffusionLoRAManager`` only loads adapters from a folder on disk.
+:class:`VLLMOmniLoRAPatch` (explicit ``install()``/``uninstall()``, idempotent, version-checked) teaches its
+``_load_adapter`` to build the adapter from a :class:`TensorLoRARequest` carrying the tensors and the peft config,
+and hands every other request to the original method.
+
 Names are accepted as peft writes them (``get_peft_model_state_dict`` or ``named_parameters``), with or without
 the ``base_model.model.`` / ``transformer.`` prefixes and the adapter name.
 """
@@ -31,6 +36,10 @@ import torch
 from torch import nn
 
 __all__ = [
+    "TensorLoRARequest",
+    "VLLMOmniLoRAPatch",
+    "validate_lora_tensors",
+    "peft_config_dict",
     "WeightUpdateError",
     "LoRASpec",
     "MergedLoRA",
@@ -378,3 +387,197 @@ def iter_with_first(weights: NamedTensors) -> tuple[tuple[str, torch.Tensor] | N
         yield from it
 
     return first, chained()
+
+
+# -- vllm-omni ------------------------------------------------------------------------------------------------------
+
+
+def peft_config_dict(peft_config: Any, default: Any = None) -> dict[str, Any]:
+    """A JSON-able peft config dict (``r``, ``lora_alpha``, ``target_modules`` as a list...) for vLLM's PEFTHelper."""
+    config = to_lora_config(peft_config, default)
+    d = config.to_dict()
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value") and type(value).__module__.startswith("peft"):
+            value = value.value
+        out[key] = value
+    out["target_modules"] = sorted(config.target_modules) if isinstance(config.target_modules, set) else config.target_modules
+    return out
+
+
+def validate_lora_tensors(weights: NamedTensors, rank: int) -> dict[str, torch.Tensor]:
+    """Check a LoRA update without a model at hand (the vllm-omni engine's model lives in its workers).
+
+    Every module needs both factors, ``lora_A`` ``[rank, in]`` and ``lora_B`` ``[out, rank]``, floating and finite.
+    Returns CPU copies under canonical names (``<module>.lora_A.weight``); raises :class:`WeightUpdateError`
+    naming the offending tensor.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for item in weights:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise WeightUpdateError(f"weights must yield (name, tensor) pairs, got {type(item).__name__}")
+        name, tensor = item
+        key = canonical_name(name)
+        if not is_lora_name(key) or not key.endswith(".weight"):
+            raise WeightUpdateError(f"weight {name!r} is not a LoRA factor (<module>.lora_A/lora_B.weight)")
+        if key in tensors:
+            raise WeightUpdateError(f"weight {name!r} appears twice in one update")
+        if not isinstance(tensor, torch.Tensor) or not tensor.dtype.is_floating_point or tensor.ndim != 2:
+            raise WeightUpdateError(f"weight {name!r} must be a 2-D floating tensor, got {getattr(tensor, 'shape', tensor)}")
+        tensors[key] = tensor.detach().to("cpu", copy=True)
+    if not tensors:
+        raise WeightUpdateError("empty weight update: the generator yielded no tensors")
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    for module in sorted(modules):
+        a, b = tensors.get(f"{module}.lora_A.weight"), tensors.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            missing = "lora_A" if a is None else "lora_B"
+            raise WeightUpdateError(f"module {module!r} has no {missing} in the update")
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise WeightUpdateError(
+                f"module {module!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not have rank {rank}"
+            )
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise WeightUpdateError(f"weight {key!r} contains NaN or Inf; nothing was applied")
+    return tensors
+
+
+_TENSOR_REQUEST_CLASS = None
+
+
+def _tensor_lora_request_class():
+    """``TensorLoRARequest``, defined on first use (it subclasses vLLM's ``LoRARequest``)."""
+    global _TENSOR_REQUEST_CLASS
+    if _TENSOR_REQUEST_CLASS is None:
+        import msgspec
+        from vllm.lora.request import LoRARequest
+
+        class TensorLoRARequest(LoRARequest):
+            """A vLLM ``LoRARequest`` whose adapter travels in memory: the peft config and the tensors.
+
+            ``lora_path`` is only a label (``vdr://memory/...``); nothing is read from disk.
+            """
+
+            peft_config: dict | None = msgspec.field(default=None)
+            lora_tensors: dict | None = msgspec.field(default=None)
+
+        TensorLoRARequest.__module__ = __name__
+        _TENSOR_REQUEST_CLASS = TensorLoRARequest
+    return _TENSOR_REQUEST_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TensorLoRARequest":
+        return _tensor_lora_request_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class VLLMOmniLoRAPatch:
+    """Teaches vllm-omni's ``DiffusionLoRAManager._load_adapter`` to load a :class:`TensorLoRARequest`.
+
+    ``install()`` swaps in :meth:`_load_adapter` (it builds the adapter with vLLM's own ``PEFTHelper.from_dict`` and
+    ``LoRAModel.from_lora_tensors`` and refuses adapters whose modules the pipeline cannot take); requests that are
+    not ``TensorLoRARequest`` go to the original method untouched. ``uninstall()`` restores the original.
+    Both are idempotent, and the class works as a context manager. The patch checks the installed vllm-omni
+    version and the signature of the method it replaces, and refuses to patch anything it does not know.
+    """
+
+    SUPPORTED_VERSIONS: tuple[str, ...] = ("0.30.",)
+    EXPECTED_PARAMETERS: tuple[str, ...] = ("self", "lora_request")
+    _original = None
+
+    @classmethod
+    def check_compatible(cls, versions: tuple[str, ...] | None = None) -> None:
+        """Raise ``RuntimeError`` unless the installed vllm-omni is one this patch was written for."""
+        import inspect
+
+        import vllm_omni
+        from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+        version = getattr(vllm_omni, "__version__", "unknown")
+        allowed = cls.SUPPORTED_VERSIONS if versions is None else versions
+        if not any(version.startswith(v) for v in allowed):
+            raise RuntimeError(
+                f"vllm-omni {version} is not a version the in-memory LoRA patch supports ({list(allowed)}); "
+                "pin vllm-omni==0.30.0 (see README, 'Choosing an engine')"
+            )
+        target = cls._original or DiffusionLoRAManager._load_adapter
+        params = tuple(inspect.signature(target).parameters)
+        if params != cls.EXPECTED_PARAMETERS:
+            raise RuntimeError(
+                f"vllm-omni {version}: DiffusionLoRAManager._load_adapter{params} is not the expected "
+                f"{cls.EXPECTED_PARAMETERS}; refusing to patch"
+            )
+
+    @classmethod
+    def installed(cls) -> bool:
+        return cls._original is not None
+
+    @classmethod
+    def install(cls, versions: tuple[str, ...] | None = None) -> None:
+        """Patch ``DiffusionLoRAManager._load_adapter`` (no-op when already installed)."""
+        if cls._original is not None:
+            return
+        cls.check_compatible(versions)
+        from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+        cls._original = DiffusionLoRAManager._load_adapter
+        DiffusionLoRAManager._load_adapter = cls._load_adapter
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """Restore the original ``_load_adapter`` (no-op when not installed)."""
+        if cls._original is None:
+            return
+        from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+        DiffusionLoRAManager._load_adapter = cls._original
+        cls._original = None
+
+    def __enter__(self) -> VLLMOmniLoRAPatch:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+    @staticmethod
+    def _load_adapter(manager: Any, lora_request: Any):
+        """The patched ``DiffusionLoRAManager._load_adapter(self, lora_request)``."""
+        if not isinstance(lora_request, _tensor_lora_request_class()):
+            return VLLMOmniLoRAPatch._original(manager, lora_request)
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        expected = getattr(manager, "_expected_lora_modules", None)
+        if not expected:
+            raise WeightUpdateError("the diffusion pipeline has no module that can take a LoRA")
+        tensors = dict(lora_request.lora_tensors or {})
+        modules = sorted({canonical_name(k).rsplit(".lora_", 1)[0] for k in tensors})
+        unsupported = [m for m in modules if m.rsplit(".", 1)[-1] not in expected]
+        if not modules or unsupported:
+            raise WeightUpdateError(
+                f"LoRA update names modules the pipeline cannot take: {unsupported[:3] or '(none at all)'}; "
+                f"supported module names: {sorted(expected)}"
+            )
+        peft_helper = PEFTHelper.from_dict(dict(lora_request.peft_config or {}))
+        # Copies: vLLM scales lora_B in place (optimize()), which must not touch the sender's tensors.
+        lora_model = LoRAModel.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id,
+            tensors={canonical_name(k): v.detach().to("cpu", copy=True) for k, v in tensors.items()},
+            peft_helper=peft_helper,
+            device="cpu",
+            dtype=manager.dtype,
+            model_vocab_size=None,
+            weights_mapper=None,
+        )
+        if len(lora_model.loras) != len(modules):
+            raise WeightUpdateError(
+                f"LoRA model holds {len(lora_model.loras)} modules for the {len(modules)} the update names"
+            )
+        for lora in lora_model.loras.values():
+            lora.optimize()
+        return lora_model, peft_helper

@@ -33,6 +33,7 @@ __all__ = [
     "predict_velocity",
     "img_shapes_for",
     "attention_backend",
+    "decode_packed_latents",
     "ATTENTION_BACKENDS",
 ]
 
@@ -533,11 +534,17 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
-        x = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
-        z_dim = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
-        x = x / inv_std + mean
         with self._stateful_stage_lock:
-            image = self.vae.decode(x, return_dict=False)[0][:, :, 0]
-        return self.image_processor.postprocess(image, output_type="pt").float()
+            return decode_packed_latents(self, latents, height, width)
+
+
+def decode_packed_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Qwen-Image's decode on any pipeline with its components (``vae``, ``image_processor``, ``_unpack_latents``,
+    ``vae_scale_factor``): ``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
+    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
+    z_dim = pipe.vae.config.z_dim
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+    inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
+    x = x / inv_std + mean
+    image = pipe.vae.decode(x, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image, output_type="pt").float()

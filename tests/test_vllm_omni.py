@@ -1,0 +1,307 @@
+"""The in-memory LoRA patch against the real vllm-omni and vLLM classes, on the CPU.
+
+These run in the second environment that ``.ci/run`` builds (vllm-omni 0.30 pins transformers >= 5.13 while verl
+0.9 pins < 5.11). The manager, the loader and the LoRA layers are vllm-omni's and vLLM's own; the pipeline is a
+small real ``nn.Module`` with vLLM ``ReplicatedLinear`` projections named as Qwen-Image's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+vllm_omni = pytest.importorskip("vllm_omni", reason="vllm-omni not installed: runs in .venv-omni (see .ci/run)")
+pytestmark = pytest.mark.vllm_omni
+
+from vllm.lora.request import LoRARequest  # noqa: E402
+
+from verl_diffusion_rollout.lora_sync import (  # noqa: E402
+    VLLMOmniLoRAPatch,
+    WeightUpdateError,
+    peft_config_dict,
+    validate_lora_tensors,
+)
+
+DIM, RANK, BLOCKS = 16, 4, 2
+MODULES = ("to_q", "to_k")
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu_runtime(tmp_path_factory):
+    """vLLM's config and a one-process (gloo) model-parallel group, as a worker would have them."""
+    import vllm.lora.lora_model as lora_model_module
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    # CPU-only test machine: vLLM pins host memory for adapters, which needs an accelerator.
+    lora_model_module.PIN_MEMORY = False
+    port = 29500 + (hash(str(tmp_path_factory.getbasetemp())) % 1000)
+    with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                     local_rank=0, backend="gloo")
+        initialize_model_parallel(1, 1)
+        yield
+
+
+def make_pipeline():
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = ReplicatedLinear(DIM, DIM, bias=True)
+            self.to_k = ReplicatedLinear(DIM, DIM, bias=True)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([Block() for _ in range(BLOCKS)])
+
+    class Pipeline(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = Transformer()
+
+    torch.manual_seed(0)
+    pipe = Pipeline()
+    for p in pipe.parameters():
+        p.data.normal_(0, 0.1)
+    return pipe
+
+
+def lora_tensors(seed: int, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for b in range(BLOCKS):
+        for m in MODULES:
+            out[f"{prefix}transformer_blocks.{b}.attn.{m}.lora_A.weight"] = torch.randn(RANK, DIM, generator=g)
+            out[f"{prefix}transformer_blocks.{b}.attn.{m}.lora_B.weight"] = torch.randn(DIM, RANK, generator=g)
+    return out
+
+
+PEFT = {"r": RANK, "lora_alpha": 2 * RANK, "target_modules": list(MODULES)}
+
+
+@pytest.fixture
+def patch():
+    VLLMOmniLoRAPatch.install()
+    yield VLLMOmniLoRAPatch
+    VLLMOmniLoRAPatch.uninstall()
+
+
+def test_patch_installs_idempotently_and_uninstalls():
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    original = DiffusionLoRAManager._load_adapter
+    VLLMOmniLoRAPatch.install()
+    patched = DiffusionLoRAManager._load_adapter
+    VLLMOmniLoRAPatch.install()
+    assert patched is not original and DiffusionLoRAManager._load_adapter is patched
+    VLLMOmniLoRAPatch.uninstall()
+    VLLMOmniLoRAPatch.uninstall()
+    assert DiffusionLoRAManager._load_adapter is original and not VLLMOmniLoRAPatch.installed()
+    with VLLMOmniLoRAPatch():
+        assert DiffusionLoRAManager._load_adapter is not original
+    assert DiffusionLoRAManager._load_adapter is original
+
+
+def test_unknown_version_or_signature_is_refused(monkeypatch):
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    monkeypatch.setattr(vllm_omni, "__version__", "0.99.0")
+    with pytest.raises(RuntimeError, match="vllm-omni 0.99.0 is not a version"):
+        VLLMOmniLoRAPatch.install()
+    assert not VLLMOmniLoRAPatch.installed()
+    monkeypatch.setattr(vllm_omni, "__version__", "0.30.0")
+    monkeypatch.setattr(DiffusionLoRAManager, "_load_adapter", lambda self, lora_request, extra: None)
+    with pytest.raises(RuntimeError, match="refusing to patch"):
+        VLLMOmniLoRAPatch.install()
+    assert not VLLMOmniLoRAPatch.installed()
+
+
+def test_tensor_request_loads_through_the_real_manager(vllm_cpu_runtime, patch):
+    from vllm.lora.lora_model import LoRAModel
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+
+    pipe = make_pipeline()
+    manager = DiffusionLoRAManager(pipe, torch.device("cpu"), torch.float32)
+    sent = lora_tensors(1)
+    sent_copy = {k: v.clone() for k, v in sent.items()}
+    x = torch.randn(3, DIM)
+    base_out = pipe.transformer.transformer_blocks[0].attn.to_q(x)[0].detach()
+    request = TensorLoRARequest(lora_name="step-1", lora_int_id=1, lora_path="vdr://memory/1",
+                                peft_config=peft_config_dict(PEFT), lora_tensors=sent)
+    lora_model, helper = manager._load_adapter(request)
+    assert all(torch.equal(sent[k], sent_copy[k]) for k in sent)  # the sender's tensors are never scaled in place
+    assert isinstance(lora_model, LoRAModel) and helper.r == RANK and len(lora_model.loras) == BLOCKS * len(MODULES)
+    scale = 2 * RANK / RANK
+    for b in range(BLOCKS):
+        for m in MODULES:
+            weights = lora_model.get_lora(f"transformer_blocks.{b}.attn.{m}")
+            key = f"base_model.model.transformer_blocks.{b}.attn.{m}"
+            assert torch.equal(weights.lora_a, sent[f"{key}.lora_A.weight"])
+            torch.testing.assert_close(weights.lora_b, sent[f"{key}.lora_B.weight"] * scale, rtol=0, atol=1e-6)
+    # Through the manager's own activation: every module binds, and the layer computes W x + s B A x.
+    manager.set_active_adapter(request, 1.0)
+    assert len(manager._lora_modules) == BLOCKS * len(MODULES)
+    out = pipe.transformer.transformer_blocks[0].attn.to_q(x)[0]
+    a = sent["base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    b = sent["base_model.model.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    torch.testing.assert_close(out, base_out + scale * x @ a.T @ b.T, rtol=1e-5, atol=1e-5)
+
+
+def test_path_requests_still_take_the_original_loader(vllm_cpu_runtime, patch, tmp_path):
+    from safetensors.torch import save_file
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**PEFT, "peft_type": "LORA"}))
+    on_disk = lora_tensors(2)
+    save_file(on_disk, tmp_path / "adapter_model.safetensors")
+    manager = DiffusionLoRAManager(make_pipeline(), torch.device("cpu"), torch.float32)
+    lora_model, helper = manager._load_adapter(LoRARequest(lora_name="disk", lora_int_id=7, lora_path=str(tmp_path)))
+    got = lora_model.get_lora("transformer_blocks.1.attn.to_k")
+    assert torch.equal(got.lora_a, on_disk["base_model.model.transformer_blocks.1.attn.to_k.lora_A.weight"])
+
+
+def test_tensor_request_for_unknown_modules_is_refused(vllm_cpu_runtime, patch):
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+
+    manager = DiffusionLoRAManager(make_pipeline(), torch.device("cpu"), torch.float32)
+    bad = {"transformer_blocks.0.attn.to_zz.lora_A.weight": torch.zeros(RANK, DIM),
+           "transformer_blocks.0.attn.to_zz.lora_B.weight": torch.zeros(DIM, RANK)}
+    request = TensorLoRARequest(lora_name="bad", lora_int_id=3, lora_path="vdr://memory/3",
+                                peft_config=peft_config_dict(PEFT), lora_tensors=bad)
+    with pytest.raises(WeightUpdateError, match="to_zz"):
+        manager._load_adapter(request)
+
+
+def test_update_validation_without_the_model():
+    good = lora_tensors(3)
+    assert len(validate_lora_tensors(good.items(), RANK)) == len(good)
+    cases = {
+        "lora_B": {k: v for k, v in good.items() if not k.endswith("0.attn.to_q.lora_B.weight")},
+        "rank 4": {**good, "base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, DIM)},
+        "NaN": {**good, "base_model.model.transformer_blocks.1.attn.to_k.lora_B.weight": torch.full((DIM, RANK), float("nan"))},
+        "not a LoRA factor": {**good, "transformer_blocks.0.attn.to_q.weight": torch.zeros(DIM, DIM)},
+    }
+    for match, tensors in cases.items():
+        with pytest.raises(WeightUpdateError, match=match):
+            validate_lora_tensors(tensors.items(), RANK)
+
+
+# -- engine side: requests in, outputs to the data contract ---------------------------------------------------------
+
+
+def recorded_request_outputs(n: int = 2, prompts=("a red cat", "a blue dog")):
+    """Outputs as vllm-omni returns them for our custom pipeline (real OmniRequestOutput objects)."""
+    from vllm_omni.outputs import OmniRequestOutput
+
+    T, L, D, S = 4, 64, 16, 7
+    g = torch.Generator().manual_seed(0)
+    outputs, expected = [], []
+    for r, prompt in enumerate(prompts):
+        length = S + r  # the prompts differ in length
+        trajectory = {
+            "latents": torch.randn(n, T + 1, L, D, generator=g),
+            "timesteps": torch.linspace(1000, 250, T).expand(n, -1).contiguous(),
+            "log_probs": torch.randn(n, T, generator=g),
+            "sigmas": torch.linspace(1, 0, T + 1).expand(n, -1).contiguous(),
+            "sde_mask": torch.tensor([True, True, True, False]).expand(n, -1).contiguous(),
+            "seeds": torch.arange(n) + 10 * r,
+            "prompt_embeds": torch.randn(n, length, 32, generator=g).bfloat16(),
+            "prompt_embeds_mask": torch.ones(n, length, dtype=torch.long),
+            "negative_prompt_embeds": torch.randn(n, 3, 32, generator=g).bfloat16(),
+            "negative_prompt_embeds_mask": torch.ones(n, 3, dtype=torch.long),
+        }
+        images = [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
+        outputs.append(OmniRequestOutput.from_diffusion(
+            request_id=f"req-{r}", images=images, prompt={"prompt": prompt, "negative_prompt": " "},
+            trajectory_latents=trajectory["latents"], trajectory_timesteps=trajectory["timesteps"],
+            trajectory_log_probs=trajectory["log_probs"], multimodal_output={"trajectory": trajectory},
+        ))
+        expected.append((trajectory, images, prompt))
+    return outputs, expected
+
+
+def test_outputs_convert_to_the_data_contract():
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.contract import CONTRACT_KEYS
+    from verl_diffusion_rollout.engines.vllm_omni_engine import rollout_batch_from_omni_outputs
+
+    outputs, expected = recorded_request_outputs()
+    sampling = DiffusionSamplingConfig(height=64, width=64, num_steps=4)
+    batch = rollout_batch_from_omni_outputs(outputs, sampling, weight_version=3)
+    assert len(batch) == 4 and batch.weight_version == 3 and batch.prompts == ["a red cat"] * 2 + ["a blue dog"] * 2
+    assert set(CONTRACT_KEYS) <= set(batch.to_dict())
+    assert batch.all_latents.shape == (4, 5, 64, 16) and batch.all_latents.dtype == torch.float32
+    assert torch.equal(batch.all_latents[2:], expected[1][0]["latents"])
+    assert torch.equal(batch.rollout_log_probs[:2], expected[0][0]["log_probs"])
+    assert torch.equal(batch.responses[1], expected[0][1][1])
+    assert batch.seeds.tolist() == [0, 1, 10, 11]
+    # prompt embeddings of different lengths are right-padded with mask 0
+    assert batch.prompt_embeds.shape[1] == 8 and batch.prompt_embeds_mask[:2, 7].eq(0).all()
+    assert torch.equal(batch.prompt_embeds[:2, :7], expected[0][0]["prompt_embeds"])
+    assert batch.negative_prompt_embeds.dtype == torch.bfloat16
+
+
+def test_outputs_without_our_trajectory_are_refused():
+    from vllm_omni.outputs import OmniRequestOutput
+
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines.vllm_omni_engine import rollout_batch_from_omni_outputs
+
+    plain = OmniRequestOutput.from_diffusion(request_id="x", images=[torch.rand(3, 8, 8)], prompt="a cat")
+    with pytest.raises(ValueError, match="is the custom pipeline loaded"):
+        rollout_batch_from_omni_outputs([plain], DiffusionSamplingConfig())
+
+
+def test_request_extra_args_ride_in_real_sampling_params():
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines.vllm_omni_engine import EXTRA_ARGS_KEY, omni_request_extra_args
+
+    sampling = DiffusionSamplingConfig(height=64, width=64, num_steps=4, sde_type="cps", noise_level=0.8)
+    params = OmniDiffusionSamplingParams(num_outputs_per_prompt=2, extra_args=omni_request_extra_args(sampling, [5, 6], 9))
+    spec = params.extra_args[EXTRA_ARGS_KEY]
+    assert spec["seeds"] == [5, 6] and spec["window_seed"] == 9
+    assert DiffusionSamplingConfig(**spec["sampling"]) == sampling
+
+
+def _qwen_image_module_importable() -> str | None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception as err:  # ImportError, or a build that does not match torch
+        return f"vllm-omni's Qwen-Image pipeline imports torchvision, unusable here ({type(err).__name__}: {err})"
+    return None
+
+
+@pytest.mark.skipif(_qwen_image_module_importable() is not None, reason=_qwen_image_module_importable() or "")
+def test_custom_pipeline_and_worker_extension_are_vllm_omnis_own_classes():
+    from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import QwenImagePipeline
+    from vllm_omni.diffusion.worker.diffusion_worker import CustomPipelineWorkerExtension
+
+    from verl_diffusion_rollout.engines import vllm_omni_engine, vllm_omni_pipeline
+
+    assert issubclass(vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline, QwenImagePipeline)
+    assert issubclass(vllm_omni_pipeline.LoRAPatchWorkerExtension, CustomPipelineWorkerExtension)
+    assert vllm_omni_pipeline.EXTRA_ARGS_KEY == vllm_omni_engine.EXTRA_ARGS_KEY
+    assert vllm_omni_engine.PIPELINE_CLASS.endswith(vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline.__name__)
+
+
+def test_engine_refuses_cpu_devices(tmp_path):
+    from verl_diffusion_rollout.engines import VLLMOmniEngine
+
+    with pytest.raises(ValueError, match="runs on CUDA devices"):
+        VLLMOmniEngine(str(tmp_path), device="cpu")
