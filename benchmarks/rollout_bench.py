@@ -35,7 +35,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,16 +54,8 @@ from verl_diffusion_rollout.pipelines.qwenimage import (  # noqa: E402
 )
 from verl_diffusion_rollout.scheduler import FlowMatchSDEDiscreteScheduler  # noqa: E402
 
-QWEN_SCHEDULER = dict(
-    base_image_seq_len=256,
-    base_shift=0.5,
-    max_image_seq_len=8192,
-    max_shift=0.9,
-    shift=1.0,
-    shift_terminal=0.02,
-    time_shift_type="exponential",
-    use_dynamic_shifting=True,
-)
+from verl_diffusion_rollout.testing import QWEN_IMAGE_SCHEDULER_CONFIG as QWEN_SCHEDULER  # noqa: E402
+
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -75,7 +67,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_dit(tiny: bool, device: torch.device, dtype: torch.dtype):
+def build_dit(tiny: bool, device: torch.device, dtype: torch.dtype, num_layers: int = 60):
     """The Qwen-Image DiT with its published config (or the tiny test dims), random weights, built on ``device``."""
     from diffusers import QwenImageTransformer2DModel
 
@@ -84,7 +76,7 @@ def build_dit(tiny: bool, device: torch.device, dtype: torch.dtype):
 
         kwargs = dict(TINY_QWENIMAGE_DIMS["transformer"])
     else:
-        kwargs = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+        kwargs = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=num_layers, attention_head_dim=128,
                       num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
                       axes_dims_rope=(16, 56, 56))
     default = torch.get_default_dtype()
@@ -480,7 +472,7 @@ def numerics(device, args, results: dict) -> None:
         out[f"ode_bit_exact_{str(dtype).split('.')[-1]}"] = bool(exact)
 
         # Replay: a 2-layer DiT of the real width, same kernels for rollout and replay.
-        dit = build_dit(args.tiny, device, dtype) if args.tiny else _small_real_width_dit(device, dtype)
+        dit = build_dit(args.tiny, device, dtype, num_layers=2)  # real width, 2 layers (or the tiny model)
         pipe = our_pipeline(dit, args.attn)
         for compiled in ((False, True) if (device.type == "cuda" and args.compile) else (False,)):
             with compiled_blocks(dit, compiled):
@@ -511,23 +503,6 @@ def numerics(device, args, results: dict) -> None:
             torch.cuda.empty_cache()
     results["numerics"] = out
     print(json.dumps({"numerics": out}), flush=True)
-
-
-def _small_real_width_dit(device, dtype):
-    from diffusers import QwenImageTransformer2DModel
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            dit = QwenImageTransformer2DModel(num_layers=2)
-    finally:
-        torch.set_default_dtype(default)
-    with torch.no_grad():
-        for m in dit.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0.0, 0.02)
-    return dit.eval().requires_grad_(False)
 
 
 # -- reporting ----------------------------------------------------------------------------------------------------

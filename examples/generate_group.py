@@ -53,7 +53,7 @@ def main() -> None:
     total = batch.rollout_log_probs.sum(dim=1).tolist()
     captions = [f"seed {s}  logp {lp:.2f}" for s, lp in zip(batch.seeds.tolist(), total)]
     path = save_image_grid(batch.responses, args.out, captions)
-    print(f"timings: " + ", ".join(f"{k} {v:.3f}" for k, v in batch.timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.3f}" for k, v in batch.timings.items()))
     print(f"saved {path}")
 
 

@@ -7,7 +7,6 @@ import asyncio
 import httpx
 import pytest
 import ray
-import torch
 from omegaconf import OmegaConf
 
 from verl_diffusion_rollout.config import DiffusionRolloutConfig, DiffusionSamplingConfig

@@ -116,3 +116,21 @@ def test_async_runner_matches_direct_call(backend):
     direct, _ = build_reward({"jpeg_compressibility": 1.0, "brightness": 0.5})(images, ["a", "b"])
     runner.close()
     assert torch.equal(total, direct) and set(parts) == {"jpeg_compressibility", "brightness"}
+
+
+def test_ray_backend_scores_in_an_actor():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        runner = AsyncRewardRunner({"jpeg_compressibility": 1.0}, backend="ray")
+        images = smooth_and_noisy()
+        total, parts = runner.submit(images, ["a", "b"]).result(timeout=120)
+        direct, _ = build_reward({"jpeg_compressibility": 1.0})(images, ["a", "b"])
+        runner.close()
+        assert torch.equal(total, direct) and set(parts) == {"jpeg_compressibility"}
+    finally:
+        if started:
+            ray.shutdown()

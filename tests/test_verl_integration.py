@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from verl import DataProto
 from verl.utils.config import omega_conf_to_dataclass
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-vllm_omni = pytest.importorskip("vllm_omni", reason="vllm-omni not installed: runs in .venv-omni (see .ci/run)")
+vllm_omni = pytest.importorskip("vllm_omni", reason="vllm-omni not installed: these run in the second environment .ci/run builds")
 pytestmark = pytest.mark.vllm_omni
 
 from vllm.lora.request import LoRARequest  # noqa: E402

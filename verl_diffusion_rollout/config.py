@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
-from .sde import SDE_TYPES
+from .sde import SDE_TYPES, default_log_prob_no_const
 
 __all__ = [
     "DiffusionSamplingConfig",
@@ -170,6 +170,12 @@ class DiffusionSamplingConfig:
             start = random.Random(window_seed).randint(lo, hi - self.sde_window_size)
             return list(range(start, start + self.sde_window_size))
         return list(range(max(self.num_steps - 1, 1)))
+
+    def resolved_log_prob_no_const(self) -> bool:
+        """``log_prob_no_const`` with ``None`` resolved to FlowGRPO's convention for ``sde_type``."""
+        if self.log_prob_no_const is None:
+            return default_log_prob_no_const(self.sde_type)
+        return bool(self.log_prob_no_const)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for ``meta_info`` and JSON)."""

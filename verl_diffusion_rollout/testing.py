@@ -14,7 +14,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_tiny_qwenimage", "tiny_qwenimage_path", "build_tiny_tokenizer", "make_tiny_clip", "TINY_QWENIMAGE_DIMS"]
+__all__ = [
+    "make_tiny_qwenimage",
+    "tiny_qwenimage_path",
+    "build_tiny_tokenizer",
+    "make_tiny_clip",
+    "TINY_QWENIMAGE_DIMS",
+    "QWEN_IMAGE_SCHEDULER_CONFIG",
+]
+
+# Qwen-Image's flow-matching scheduler settings (dynamic shift, exponential time shift, terminal sigma).
+QWEN_IMAGE_SCHEDULER_CONFIG = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    shift=1.0,
+    shift_terminal=0.02,
+    time_shift_type="exponential",
+    use_dynamic_shifting=True,
+)
 
 # Dimensions in the spirit of diffusers' own QwenImage pipeline tests, a little wider so images vary.
 TINY_QWENIMAGE_DIMS = {
@@ -153,17 +172,7 @@ def make_tiny_qwenimage(out_dir: str | os.PathLike, seed: int = 0) -> str:
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(text_config).eval()
-    # Qwen-Image's scheduler settings (dynamic shift, exponential time shift, terminal sigma).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift=1.0,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG)
     pipe = QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )

@@ -24,7 +24,7 @@ from vllm_omni.diffusion.worker.diffusion_worker import CustomPipelineWorkerExte
 from ..config import DiffusionSamplingConfig
 from ..lora_sync import VLLMOmniLoRAPatch
 from ..pipelines.qwenimage import decode_packed_latents
-from ..sde import default_log_prob_no_const, randn_per_sample, sde_step_with_logprob
+from ..sde import randn_per_sample, sde_step_with_logprob
 
 __all__ = ["VLLMOmniQwenImageLogProbPipeline", "LoRAPatchWorkerExtension", "EXTRA_ARGS_KEY"]
 
@@ -86,9 +86,7 @@ class VLLMOmniQwenImageLogProbPipeline(OmniQwenImagePipeline):
 
         # 5. Stochastic steps (one window for the whole batch, from the first request's window seed)
         stochastic = set(sampling.stochastic_steps(int(specs[0].get("window_seed", seeds[0]))))
-        no_const = sampling.log_prob_no_const
-        if no_const is None:
-            no_const = default_log_prob_no_const(sampling.sde_type)
+        no_const = sampling.resolved_log_prob_no_const()
 
         # 6. Denoising loop: vllm-omni's (CFG-parallel aware) velocity, our step
         x = init.float()

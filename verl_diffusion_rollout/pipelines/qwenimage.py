@@ -24,7 +24,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
 from ..scheduler import FlowMatchSDEDiscreteScheduler
-from ..sde import default_log_prob_no_const, randn_per_sample
+from ..sde import randn_per_sample
 
 __all__ = [
     "QwenImageLogProbPipeline",
@@ -384,9 +384,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
 
         # 5. Pick the stochastic steps
         stochastic = set(sampling.stochastic_steps(int(seeds[0]) if window_seed is None else window_seed))
-        no_const = sampling.log_prob_no_const
-        if no_const is None:
-            no_const = default_log_prob_no_const(sampling.sde_type)
+        no_const = sampling.resolved_log_prob_no_const()
 
         # 6. Denoising loop; the trajectory streams to host memory while the next step computes
         recorder = _TrajectoryRecorder(x, num_steps, sampling.return_debug)
