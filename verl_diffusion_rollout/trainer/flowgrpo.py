@@ -101,7 +101,11 @@ class FlowGRPOTrainer:
     # -- public -----------------------------------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until ``trainer.total_steps``; Ctrl-C saves a checkpoint first. Returns the metrics history."""
+        """Train until ``trainer.total_steps``; returns the metrics history.
+
+        Ctrl-C saves a checkpoint of the state reached before re-raising: interrupted between steps or during the
+        rollout, it resumes exactly; interrupted inside a policy update, the saved LoRA has that step's partial update.
+        """
         from tqdm.auto import tqdm
 
         total = self.config.trainer.total_steps
