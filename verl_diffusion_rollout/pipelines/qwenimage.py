@@ -218,6 +218,7 @@ class Trajectory:
         debug: ``prev_sample_mean`` / ``variance_noise`` / ``model_output`` ``[B, T, L, D]`` and ``noise_std``
             ``[B, T]`` when ``return_debug``, else empty.
         seconds: wall time of the loop.
+        final: ``[B, L, D]`` float32 x_0 still on the pipeline's device (what the VAE decodes).
     """
 
     latents: torch.Tensor
@@ -227,6 +228,7 @@ class Trajectory:
     sigmas: torch.Tensor
     debug: dict[str, torch.Tensor]
     seconds: float
+    final: torch.Tensor | None = None
 
 
 class _TrajectoryRecorder:
@@ -319,7 +321,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
 
         # 7. Decode, all samples in one VAE batch
         decode_start = time.perf_counter()
-        images = self.decode_latents(trajectory.latents[:, -1].to(device), sampling.height, sampling.width)
+        images = self.decode_latents(trajectory.final, sampling.height, sampling.width)
         decode_s = time.perf_counter() - decode_start
 
         batch = len(prompts)
@@ -421,6 +423,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             sigmas=scheduler.sigmas.float().cpu(),
             debug=recorder.debug(),
             seconds=time.perf_counter() - loop_start,
+            final=x,
         )
 
     # -- stages -------------------------------------------------------------------------------------------------
