@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
+from ..errors import GenerationCancelled
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
 
@@ -281,6 +282,10 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         )
         self._stateful_stage_lock = threading.Lock()
         self.attention_backend = "auto"  # see attention_backend(); the engine sets it from the rollout config
+        # True when a trainer trains this very transformer: stochastic steps then run the transformer with autograd
+        # enabled, exactly as the trainer's replay does, so both execute the same kernels (compiled graphs differ
+        # between inference and autograd mode) and the replayed log-probs equal the rollout's.
+        self.stochastic_steps_with_grad = False
 
     @torch.no_grad()
     def __call__(
@@ -291,6 +296,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         sampling: DiffusionSamplingConfig | None = None,
         window_seed: int | None = None,
         latents: torch.Tensor | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> RolloutBatch:
         """Sample one image per prompt entry.
 
@@ -300,6 +306,8 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             sampling: how to sample (defaults to ``DiffusionSamplingConfig()``).
             window_seed: seed of the random SDE window (``sampling.sde_window_size > 0``); defaults to ``seeds[0]``.
             latents: optional ``[B, L, D]`` initial packed latents instead of drawing them from the seeds.
+            cancel: called before every denoising step; when it returns True the generation stops with
+                :class:`~verl_diffusion_rollout.errors.GenerationCancelled`.
 
         Returns:
             A :class:`RolloutBatch` with CPU tensors.
@@ -317,7 +325,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         encode_s = time.perf_counter() - start
 
         # 3-6. Latents, timesteps, SDE window, denoising loop
-        trajectory = self.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents)
+        trajectory = self.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents, cancel=cancel)
 
         # 7. Decode, all samples in one VAE batch
         decode_start = time.perf_counter()
@@ -357,12 +365,13 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         *,
         window_seed: int | None = None,
         latents: torch.Tensor | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> Trajectory:
         """Stages 3-6: initial noise, timesteps, SDE window and the denoising loop, from encoded prompts.
 
         Args:
             env: prompt embeddings and masks as :meth:`encode_denoising_env` returns them (on the device).
-            seeds, sampling, window_seed, latents: as in :meth:`__call__`.
+            seeds, sampling, window_seed, latents, cancel: as in :meth:`__call__`.
 
         Returns:
             A :class:`Trajectory` with CPU tensors.
@@ -394,7 +403,12 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         loop_start = time.perf_counter()
         with self.progress_bar(total=num_steps) as progress_bar, attention_backend(self.attention_backend, device):
             for i, t in enumerate(scheduler.timesteps):
-                velocity = predict_velocity(self.transformer, x, t.expand(batch), text, img_shapes)
+                if cancel is not None and cancel():
+                    raise GenerationCancelled(f"generation cancelled before step {i} of {num_steps}")
+                grad = self.stochastic_steps_with_grad and i in stochastic
+                with torch.enable_grad() if grad else contextlib.nullcontext():
+                    velocity = predict_velocity(self.transformer, x, t.expand(batch), text, img_shapes)
+                velocity = velocity.detach()
                 if i in stochastic:
                     noise = randn_per_sample(x.shape, generators, device=device)
                     out = scheduler.step(
