@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -111,6 +112,7 @@ class DiffusersEngine(DiffusionEngine):
         self._lora_key: tuple | None = None
         self._full: FullWeightSync | None = None
         self._sleeping = False
+        self._trainer_attached = False
         self.last_sync_s: float | None = None
 
     # -- DiffusionEngine ------------------------------------------------------------------------------------------
@@ -154,6 +156,10 @@ class DiffusersEngine(DiffusionEngine):
         the trainer's) or from the engine's ``lora`` defaults. Raises :class:`WeightUpdateError` naming the
         offending tensor; on any error the weights and ``weight_version`` stay as they were.
         """
+        if self._trainer_attached:
+            raise WeightUpdateError(
+                "a trainer trains this engine's transformer in place (attach_trainer); it has no weights to receive"
+            )
         start = time.perf_counter()
         with self._lock.write():
             first, stream = iter_with_first(weights)
@@ -206,6 +212,35 @@ class DiffusersEngine(DiffusionEngine):
             self._full = FullWeightSync(self.pipe.transformer, self._lora)
         staged = self._full.stage(stream)
         self._full.commit(staged)
+
+    # -- a trainer training this engine's transformer in place ------------------------------------------------------
+
+    def attach_trainer(self, autograd_stochastic_steps: bool | None = None) -> torch.nn.Module:
+        """Hand the transformer to a co-located trainer that trains it in place (one copy of the weights).
+
+        With ``autograd_stochastic_steps`` (default: on accelerators) the stochastic steps of a rollout run the
+        transformer with autograd enabled, exactly as the trainer's replay runs it, so both execute the same kernels
+        (compiled autograd graphs and GPU attention kernels differ from inference ones) and the replayed log-probs
+        equal the rollout's. On the CPU the eager kernels do not depend on autograd, and inference mode is faster.
+        The trainer changes the weights only inside
+        :meth:`modify_weights`. In-memory syncs (:meth:`update_weights`) are refused from then on: the trainer
+        owns the weights.
+        """
+        if self._lora is not None or self._full is not None:
+            raise RuntimeError("attach_trainer() must come before any update_weights(): the engine already holds synced weights")
+        if autograd_stochastic_steps is None:
+            autograd_stochastic_steps = self.device.type != "cpu"
+        self.pipe.stochastic_steps_with_grad = bool(autograd_stochastic_steps)
+        self._trainer_attached = True
+        return self.pipe.transformer
+
+    @contextlib.contextmanager
+    def modify_weights(self) -> Iterator[None]:
+        """Exclusive access for an in-place change of the weights (an attached trainer's update): waits for running
+        generations, blocks new ones, and on success bumps :attr:`weight_version`."""
+        with self._lock.write():
+            yield
+            self._version += 1
 
     def sleep(self) -> None:
         """Move every weight (and LoRA bookkeeping) to the CPU and free the accelerator memory."""

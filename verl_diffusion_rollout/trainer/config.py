@@ -29,7 +29,19 @@ def _build(cls, values: dict[str, Any] | None, prefix: str):
 
 @dataclass
 class ActorConfig:
-    """``actor_rollout_ref.actor``: the policy update (FlowGRPO's defaults)."""
+    """``actor_rollout_ref.actor``: the policy update (FlowGRPO's defaults).
+
+    The policy is the rollout's own transformer (one copy of the weights, on ``rollout.device`` in
+    ``rollout.dtype``); its LoRA parameters train in float32.
+
+    ``micro_batch_size`` is the forward batch of both the rollout and the update: the rollout samples a step in
+    pieces of this many samples and the update replays exactly those pieces, so both run the transformer on
+    identical tensors and the replayed log-probs equal the rollout's. It divides the group size (``rollout.n``) or
+    is a multiple of it; ``None`` means one group. ``mini_batch_size`` (whole groups and whole forward batches) is the
+    batch of one optimizer step.
+    ``recompute_old_log_probs``: take the ratio's old log-probs from a replay before the update (verl's PPO does
+    this) instead of the rollout's; they are equal here, so it only costs one forward per trained step.
+    """
 
     lr: float = 3e-4
     weight_decay: float = 1e-4
@@ -42,9 +54,8 @@ class ActorConfig:
     ppo_epochs: int = 1
     mini_batch_size: Optional[int] = None
     micro_batch_size: Optional[int] = None
-    device: Optional[str] = None
-    dtype: str = "float32"
     gradient_checkpointing: bool = False
+    recompute_old_log_probs: bool = False
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)
@@ -56,6 +67,10 @@ class ActorConfig:
             raise ValueError(f"actor.kl_beta must be >= 0, got {self.kl_beta}")
         if self.ppo_epochs < 1:
             raise ValueError(f"actor.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        for name in ("mini_batch_size", "micro_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"actor_rollout_ref.actor.{name} must be a positive int or null, got {value!r}")
 
 
 @dataclass
@@ -100,22 +115,24 @@ class AlgorithmConfig:
 class RewardConfig:
     """``reward``: weighted reward functions and how they run.
 
-    ``rollout_chunks > 1`` samples a step's rollout in that many pieces and scores each piece in the background
-    (``backend``: ``thread`` or ``ray``) while the next one is sampled.
+    Each worker scores its own samples: every forward batch is scored in the background (``backend``: ``thread``,
+    ``ray`` or ``sync``) while the next one is sampled.
     """
 
     functions: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
     options: dict[str, dict] = field(default_factory=dict)
     backend: str = "thread"
-    rollout_chunks: int = 1
 
 
 @dataclass
 class RunConfig:
-    """``trainer``: length, outputs, logging, checkpoints.
+    """``trainer``: length, placement, outputs, logging, checkpoints.
 
-    ``colocate``: the rollout and the policy share one accelerator and take turns: the rollout's weights go to
-    the host (``release``) while the policy trains, the policy's while the rollout samples.
+    ``nnodes`` x ``n_gpus_per_node`` workers (verl's words), one per device, each holding the rollout engine and
+    the policy it trains; with 1 the step runs in this process and no Ray cluster is started. On a CPU machine
+    (``actor_rollout_ref.rollout.device=cpu``) ``n_gpus_per_node`` counts CPU worker processes.
+    ``ray_address``: an existing Ray cluster to join (also ``RAY_ADDRESS``); none starts a local one.
+    ``check_weights_freq``: every that many steps the workers' LoRA checksums are compared (0: never).
     """
 
     total_steps: int = 20
@@ -126,7 +143,10 @@ class RunConfig:
     resume_from: Optional[str] = None
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     progress_bar: bool = True
-    colocate: bool = False
+    nnodes: int = 1
+    n_gpus_per_node: int = 1
+    ray_address: Optional[str] = None
+    check_weights_freq: int = 10
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -134,6 +154,18 @@ class RunConfig:
         unknown = sorted(set(self.logger) - {"console", "jsonl", "tensorboard"})
         if unknown:
             raise ValueError(f"unknown trainer.logger entries {unknown}; use console, jsonl, tensorboard")
+        for name in ("nnodes", "n_gpus_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{name} must be an int >= 1, got {value!r}")
+        for name in ("save_freq", "plot_freq", "check_weights_freq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"trainer.{name} must be an int >= 0 (0: never), got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.n_gpus_per_node
 
 
 @dataclass
@@ -189,23 +221,44 @@ class FlowGRPOConfig:
         n = rollout.n
         if n < 2:
             raise ValueError(f"GRPO needs a group of at least 2 samples per prompt: actor_rollout_ref.rollout.n={n}")
-        if data.samples_per_step % n:
+        if rollout.engine != "diffusers":
             raise ValueError(
-                f"data.samples_per_step={data.samples_per_step} is not divisible by the group size "
-                f"actor_rollout_ref.rollout.n={n}"
+                f"the FlowGRPO recipe trains the rollout engine's own transformer in place, which needs "
+                f"actor_rollout_ref.rollout.engine=diffusers (got {rollout.engine!r}); to train with another engine, "
+                "use the verl backend (DiffusionRollout.update_weights) from your own trainer"
             )
-        mini = actor.mini_batch_size or data.samples_per_step
-        micro = actor.micro_batch_size or mini
-        if data.samples_per_step % mini or mini % micro:
+        samples = data.samples_per_step
+        if samples < n or samples % n:
             raise ValueError(
-                f"batch sizes must nest: data.samples_per_step={data.samples_per_step}, "
-                f"actor.mini_batch_size={mini}, actor.micro_batch_size={micro}"
+                f"data.samples_per_step={samples} is not divisible by the group size actor_rollout_ref.rollout.n={n}"
             )
-        if data.samples_per_step % reward.rollout_chunks or (data.samples_per_step // reward.rollout_chunks) % n:
+        micro = actor.micro_batch_size or n
+        if n % micro and micro % n:
             raise ValueError(
-                f"reward.rollout_chunks={reward.rollout_chunks} must split data.samples_per_step="
-                f"{data.samples_per_step} into whole groups of {n}"
+                f"actor_rollout_ref.actor.micro_batch_size={micro} must divide the group size "
+                f"actor_rollout_ref.rollout.n={n} or be a multiple of it (it is the rollout's and the update's "
+                "forward batch, which holds whole groups or whole parts of one)"
             )
+        unit = max(n, micro)  # what a worker is handed: one group, or one forward batch of whole groups
+        if samples % unit:
+            raise ValueError(
+                f"data.samples_per_step={samples} must be a multiple of actor_rollout_ref.actor.micro_batch_size={micro}"
+            )
+        world = trainer.world_size
+        if (samples // unit) % world:
+            raise ValueError(
+                f"data.samples_per_step={samples} makes {samples // unit} pieces of {unit} samples (whole groups of "
+                f"{n}, whole forward batches of {micro}), which do not split evenly over "
+                f"trainer.nnodes x trainer.n_gpus_per_node = {world} workers"
+            )
+        mini = actor.mini_batch_size or samples
+        if mini % unit or samples % mini:
+            raise ValueError(
+                f"actor_rollout_ref.actor.mini_batch_size={mini} must be a multiple of {unit} (whole groups of "
+                f"rollout.n={n} and whole forward batches of micro_batch_size={micro}) and divide "
+                f"data.samples_per_step={samples}"
+            )
+        actor.micro_batch_size, actor.mini_batch_size = micro, mini
         data.load_prompts()  # fail now on a missing prompt file
         model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
         if model.lora_rank <= 0:

@@ -1,99 +1,69 @@
-"""The FlowGRPO training loop on top of the registered verl ``diffusion`` rollout.
+"""The FlowGRPO driver: the RL step loop over one or many workers.
 
 One RL step:
 
-1. pick ``samples_per_step / n`` prompts and a seed per sample (both derived from ``trainer.seed`` and the step,
-   so a resumed run repeats an uninterrupted one exactly);
-2. roll out through ``get_rollout_class("diffusion")`` (``generate_sequences`` on a ``DataProto``), ``n`` samples
-   per prompt, scoring each rollout chunk in the background while the next one samples;
-3. per-prompt group advantages; groups with equal rewards are dropped;
-4. policy update of the transformer's LoRA: for each stochastic step, replay the recorded transition with
-   :class:`~verl_diffusion_rollout.trainer.replay.StepReplayer`, FlowGRPO's clipped-ratio loss (+ optional KL to
-   the reference = adapter disabled), backward; AdamW with grad-norm clipping per mini-batch;
-5. sync the LoRA to the rollout in memory (``update_weights``), every step.
+1. draw ``samples_per_step / n`` prompts and a seed per sample, both functions of ``(trainer.seed, step)`` only, so
+   a resumed run repeats an uninterrupted one and no sample depends on which worker draws it;
+2. hand whole GRPO groups to the workers (group ``g`` to worker ``g mod W``); each rolls them out through verl's
+   registered ``diffusion`` rollout, in forward batches of ``actor.micro_batch_size``, and scores each batch in the
+   background while the next one samples;
+3. per-prompt group advantages over all groups (groups with equal rewards are dropped);
+4. the update: each worker replays its forward batches through the transformer it sampled with (the same module:
+   no weight sync, no copy), FlowGRPO's clipped-ratio loss (+ optional KL to the adapter-off reference), gradients
+   summed over workers, AdamW with grad-norm clipping per mini-batch; the merged LoRA weights are re-derived after
+   every optimizer step, and the next rollout samples with them.
+
+With one worker everything runs in this process; with more, the workers are verl single-controller workers on Ray
+(:mod:`verl_diffusion_rollout.trainer.worker`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from verl import DataProto
 
-from ..contract import RolloutBatch
 from ..engines.base import MAX_SEED
-from ..engines.diffusers_engine import resolve_device, resolve_dtype
-from ..pipelines.qwenimage_attention import use_joint_attn_processor
-from ..rollout import from_data_proto
 from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FlowGRPOConfig
-from .loss import flowgrpo_step_loss, gaussian_kl
 from .metrics import MetricsLogger
-from .replay import StepReplayer, trainable_steps
-from .rewards import AsyncRewardRunner
+from .workers import WorkerFailed, make_workers
 
 __all__ = ["FlowGRPOTrainer"]
 
 logger = logging.getLogger(__name__)
 
+GRID_IMAGES = 16
+
 
 class FlowGRPOTrainer:
-    """FlowGRPO with a peft LoRA on the transformer, rolling out through verl's ``diffusion`` backend."""
+    """FlowGRPO with a LoRA trained in the rollout's own transformer, on ``trainer.nnodes x n_gpus_per_node`` workers."""
 
     def __init__(self, config: FlowGRPOConfig):
-        from diffusers import QwenImageTransformer2DModel
         from peft import LoraConfig
-        from verl.workers.rollout.base import get_rollout_class
 
         self.config = config
         self.out_dir = Path(config.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prompts = config.data.load_prompts()
-        self.reward = AsyncRewardRunner(config.reward.functions, config.reward.options, config.reward.backend)
-
-        # The rollout, built the way verl builds any rollout backend.
-        rollout_cls = get_rollout_class("diffusion", "async")
-        self.rollout = rollout_cls(config=config.rollout, model_config=config.model, device_mesh=None)
-
-        # The policy: the trainer's own copy of the transformer with a LoRA adapter (the reference = adapter off).
-        self.device = resolve_device(config.actor.device)
-        dtype = resolve_dtype(config.actor.dtype)
-        policy = QwenImageTransformer2DModel.from_pretrained(config.model.local_path, subfolder="transformer", dtype=dtype)
-        policy.requires_grad_(False)
-        if config.rollout.fast_attention:  # the rollout's kernels, so replay matches it exactly
-            use_joint_attn_processor(policy)
-        if config.actor.gradient_checkpointing:
-            policy.enable_gradient_checkpointing()
         self.peft_config = LoraConfig(
             r=config.model.lora_rank,
             lora_alpha=config.model.lora_alpha,
             target_modules=list(config.model.target_modules),
-            init_lora_weights=True,  # B = 0: the first policy is exactly the base model
         )
-        torch.manual_seed(config.trainer.seed)
-        policy.add_adapter(self.peft_config)
-        # Colocated, the policy waits on the host while the rollout samples.
-        self.policy = policy.to("cpu" if config.trainer.colocate else self.device)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=config.actor.lr,
-            betas=tuple(config.actor.adam_betas),
-            eps=config.actor.adam_eps,
-            weight_decay=config.actor.weight_decay,
-        )
-        self._loop = asyncio.new_event_loop()
+        self.workers = make_workers(config)
+        self.world_size = self.workers.world_size
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        sums = self.workers.checksums()
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"workers start from different LoRA weights (checksums {sums})")
         if config.trainer.resume_from:
             self._resume(config.trainer.resume_from)
         self.logger = MetricsLogger(self.out_dir, config.trainer.logger, self.history)
@@ -103,8 +73,9 @@ class FlowGRPOTrainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``trainer.total_steps``; returns the metrics history.
 
-        Ctrl-C saves a checkpoint of the state reached before re-raising: interrupted between steps or during the
-        rollout, it resumes exactly; interrupted inside a policy update, the saved LoRA has that step's partial update.
+        Ctrl-C saves a checkpoint of the state reached before re-raising (interrupted inside an update, the saved
+        LoRA has that step's partial update). A worker that dies stops the run with an error naming it and the last
+        checkpoint to resume from.
         """
         from tqdm.auto import tqdm
 
@@ -121,6 +92,10 @@ class FlowGRPOTrainer:
             path = self.save()
             bar.write(f"interrupted at step {self.step}; checkpoint saved to {path}")
             raise
+        except WorkerFailed as err:
+            last = latest_checkpoint(self.out_dir / "checkpoints")
+            hint = f"resume with trainer.resume_from={last}" if last else "no checkpoint was saved yet"
+            raise RuntimeError(f"{err} (at step {self.step + 1}); last good checkpoint: {last}; {hint}") from err
         finally:
             bar.close()
         self.save()
@@ -128,16 +103,36 @@ class FlowGRPOTrainer:
         return self.history
 
     def train_step(self) -> dict[str, Any]:
-        """One RL step (rollout -> rewards -> advantages -> update -> sync); returns its metrics."""
+        """One RL step (rollout -> rewards -> advantages -> update); returns its metrics."""
         step = self.step + 1
         cfg = self.config
-        prompts, seeds = self._draw(step)
-
+        n, world = cfg.group_size, self.world_size
         start = time.perf_counter()
-        batch, rewards, parts = self._rollout_and_score(prompts, seeds, step)
+        prompts, seeds = self._draw(step)
+        groups = len(prompts)
+        owned = self._assign(groups)
+        plot = bool(cfg.trainer.plot_freq) and step % cfg.trainer.plot_freq == 0
+        requests = [
+            {
+                "prompts": [prompts[g] for g in gs for _ in range(n)],
+                "seeds": [seeds[g * n + j] for g in gs for j in range(n)],
+                "step": step,
+                "num_images": min(GRID_IMAGES, len(gs) * n) if plot else 0,
+            }
+            for gs in owned
+        ]
+        results = self.workers.generate(requests)
         rollout_s = time.perf_counter() - start
 
-        group_ids = torch.arange(len(prompts)).repeat_interleave(cfg.group_size)
+        # Back to the global sample order (group after group).
+        order = torch.tensor([g * n + j for gs in owned for g in gs for j in range(n)])
+        rewards = torch.empty(groups * n)
+        rewards[order] = torch.cat([r.rewards for r in results])
+        parts = {}
+        for key in results[0].parts:
+            parts[key] = torch.empty(groups * n)
+            parts[key][order] = torch.cat([r.parts[key] for r in results])
+        group_ids = torch.arange(groups).repeat_interleave(n)
         adv = group_advantages(
             rewards,
             group_ids,
@@ -146,186 +141,115 @@ class FlowGRPOTrainer:
             eps=cfg.algorithm.adv_eps,
             drop_equal_groups=cfg.algorithm.drop_equal_groups,
         )
-        start = time.perf_counter()
-        with self._policy_turn():
-            stats = self.update_policy(batch, adv.advantages, adv.keep)
-        train_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        version = self.sync_weights()
-        sync_s = time.perf_counter() - start
+        update_start = time.perf_counter()
+        updates = self.workers.update(self._update_requests(owned, adv.advantages, adv.keep))
+        train_s = time.perf_counter() - update_start
 
         self.step = step
-        metrics = {
+        step_s = time.perf_counter() - start
+        count = sum(u.count for u in updates)
+        metrics: dict[str, Any] = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std(unbiased=False)),
             **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
             "zero_std_groups": adv.zero_std_fraction,
-            **stats,
-            "weight_version": version,
-            "rollout_s": rollout_s,
-            "train_s": train_s,
-            "sync_s": sync_s,
+            "trained_samples": int(adv.keep.sum()),
         }
+        if count:
+            for key in ("policy_loss", "clipfrac", "approx_kl", "kl", "ratio"):
+                metrics["ratio_mean" if key == "ratio" else key] = sum(u.sums[key] for u in updates) / count
+            metrics["grad_norm"] = float(np.mean(updates[0].grad_norms))
+            metrics["logprob_max_abs_diff_pre_update"] = max(u.logprob_max_abs_diff_pre_update for u in updates)
+        metrics.update(
+            weight_version=updates[0].weight_version,
+            rollout_s=rollout_s,
+            reward_s=float(np.mean([r.timings["reward_s"] for r in results])),
+            train_s=train_s,
+            switch_s=float(np.mean([u.seconds.get("switch_s", 0.0) for u in updates])),
+            allreduce_s=float(np.mean([u.seconds.get("allreduce_s", 0.0) for u in updates])),
+            step_s=step_s,
+            images_per_s_per_worker=groups * n / step_s / world,
+        )
         self.history.append({"step": step, **metrics})
         self.logger.log(step, metrics)
-        plot_freq = cfg.trainer.plot_freq
-        if plot_freq and step % plot_freq == 0:
-            self.plot(batch, rewards)
+        if plot:
+            self._plot_samples(results, owned, rewards, prompts)
         if cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0:
             self.save()
+        if world > 1 and cfg.trainer.check_weights_freq and step % cfg.trainer.check_weights_freq == 0:
+            self.check_weights()
         return metrics
+
+    def check_weights(self) -> None:
+        """Fail loudly if the workers' LoRA weights are not bit-identical."""
+        sums = self.workers.checksums()
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"after step {self.step} the workers' LoRA weights differ: checksums by rank {sums}")
 
     # -- stages -----------------------------------------------------------------------------------------------------
 
     def _draw(self, step: int) -> tuple[list[str], list[int]]:
-        """This step's prompts and per-sample seeds, a function of ``(trainer.seed, step)`` only."""
+        """This step's prompts (one per group) and per-sample seeds, a function of ``(trainer.seed, step)`` only."""
         rng = np.random.default_rng([self.config.trainer.seed, step])
         k = self.config.prompts_per_step
-        replace = k > len(self.prompts)
-        idx = rng.choice(len(self.prompts), size=k, replace=replace)
+        idx = rng.choice(len(self.prompts), size=k, replace=k > len(self.prompts))
         seeds = rng.integers(0, MAX_SEED, size=k * self.config.group_size).tolist()
         return [self.prompts[i] for i in idx], seeds
 
-    def _rollout_and_score(self, prompts: list[str], seeds: list[int], step: int):
-        """Roll out in ``reward.rollout_chunks`` pieces; each piece is scored in the background."""
-        n = self.config.group_size
-        chunks = self.config.reward.rollout_chunks
-        per_chunk = len(prompts) // chunks
-        outputs, futures = [], []
-        for c in range(chunks):
-            chunk_prompts = prompts[c * per_chunk : (c + 1) * per_chunk]
-            chunk_seeds = seeds[c * per_chunk * n : (c + 1) * per_chunk * n]
-            rows = [p for p in chunk_prompts for _ in range(n)]
-            data = DataProto.from_dict(
-                tensors={"seeds": torch.tensor(chunk_seeds, dtype=torch.int64)},
-                non_tensors={"raw_prompt": np.array(rows, dtype=object)},
-                meta_info={"window_seed": step},
-            )
-            out = self.rollout.generate_sequences(data)
-            outputs.append(out)
-            futures.append(self.reward.submit(out.batch["responses"], rows))
-        results = [f.result() for f in futures]
-        rewards = torch.cat([r[0] for r in results])
-        parts = {k: torch.cat([r[1][k] for r in results]) for k in results[0][1]}
-        batch = RolloutBatch.concat([from_data_proto(out) for out in outputs])
-        return batch, rewards, parts
+    def _assign(self, groups: int) -> list[list[int]]:
+        """The groups each worker samples and trains: units of ``max(n, micro_batch_size)`` samples (one group, or
+        one forward batch of whole groups) dealt round-robin, unit ``u`` to worker ``u mod W``."""
+        per_unit = max(1, self.config.actor.micro_batch_size // self.config.group_size)
+        units = groups // per_unit
+        return [[u * per_unit + k for u in range(w, units, self.world_size) for k in range(per_unit)]
+                for w in range(self.world_size)]
 
-    def update_policy(self, batch, advantages: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-        """FlowGRPO update over the batch's stochastic steps; returns the mean statistics."""
-        cfg = self.config.actor
-        steps = trainable_steps(batch)
-        kept = torch.nonzero(keep).flatten()
-        stats: dict[str, list[float]] = defaultdict(list)
-        if len(kept) == 0 or not steps:
-            return {"trained_samples": 0}
-        mini = cfg.mini_batch_size or len(batch)
-        micro = cfg.micro_batch_size or mini
-        first_pass_dev = None
-        self.policy.train()
-        for epoch in range(cfg.ppo_epochs):
-            for m0 in range(0, len(kept), mini):
-                mini_idx = kept[m0 : m0 + mini]
-                self.optimizer.zero_grad(set_to_none=True)
-                for u0 in range(0, len(mini_idx), micro):
-                    idx = mini_idx[u0 : u0 + micro]
-                    sub = batch.select(idx)
-                    replayer = StepReplayer(
-                        sub, self.device, self.policy.dtype, attention=self.config.rollout.attention_backend
-                    )
-                    adv = advantages[idx].to(self.device)
-                    weight = len(idx) / (len(mini_idx) * len(steps))
-                    for i in steps:
-                        out = replayer.step(self.policy, i)
-                        kl = None
-                        if cfg.kl_beta > 0:
-                            with torch.no_grad(), self._reference():
-                                ref = replayer.step(self.policy, i)
-                            kl = gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, out.std_dev)
-                        old = sub.rollout_log_probs[:, i].to(self.device)
-                        result = flowgrpo_step_loss(out.log_prob, old, adv, cfg.clip_range, kl=kl, beta=cfg.kl_beta)
-                        (result.loss * weight).backward()
-                        stats["policy_loss"].append(float(result.policy_loss))
-                        stats["clipfrac"].append(float(result.clipfrac))
-                        stats["approx_kl"].append(float(result.approx_kl))
-                        stats["kl"].append(float(result.kl))
-                        stats["ratio_mean"].append(float(result.ratio.mean()))
-                        if epoch == 0 and m0 == 0:  # before the first optimizer step: rollout == policy
-                            dev = float((out.log_prob.detach() - old).abs().max())
-                            first_pass_dev = dev if first_pass_dev is None else max(first_pass_dev, dev)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                stats["grad_norm"].append(float(grad_norm))
-                self.optimizer.step()
-        self.policy.eval()
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["trained_samples"] = int(len(kept))
-        out["logprob_max_abs_diff_pre_update"] = first_pass_dev
-        return out
+    def _update_requests(self, owned: list[list[int]], advantages: torch.Tensor, keep: torch.Tensor) -> list[dict]:
+        """Each worker's advantages, keep mask and mini-batch plan (in its own sample order).
 
-    @contextlib.contextmanager
-    def _policy_turn(self):
-        """With ``trainer.colocate``: the rollout sleeps and the policy comes to the device while training."""
-        if not self.config.trainer.colocate:
-            yield
-            return
-        self._loop.run_until_complete(self.rollout.release())
-        self.policy.to(self.device)
-        try:
-            yield
-        finally:
-            self.policy.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self._loop.run_until_complete(self.rollout.resume(["weights"]))
+        Global mini-batch ``m`` holds samples ``m * mini .. (m + 1) * mini - 1``; a worker trains its forward
+        batches in it, and every worker takes the optimizer step after it.
+        """
+        cfg = self.config
+        n, micro, mini = cfg.group_size, cfg.actor.micro_batch_size, cfg.actor.mini_batch_size
+        num_minis = len(keep) // mini
+        kept = [int(keep[m * mini : (m + 1) * mini].sum()) for m in range(num_minis)]
+        requests = []
+        for gs in owned:
+            rows = torch.tensor([g * n + j for g in gs for j in range(n)], dtype=torch.long)
+            # forward batch f of this worker covers its local samples f * micro .. (f + 1) * micro - 1
+            first_row = rows[::micro]
+            plan = [{"forward_batches": [f for f, r in enumerate(first_row.tolist()) if r // mini == m],
+                     "kept": kept[m]} for m in range(num_minis)]
+            requests.append({"advantages": advantages[rows].float(), "keep": keep[rows].bool(), "plan": plan})
+        return requests
 
-    @contextlib.contextmanager
-    def _reference(self):
-        """The reference policy: the same transformer with its LoRA switched off."""
-        self.policy.disable_adapters()
-        try:
-            yield
-        finally:
-            self.policy.enable_adapters()
-
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        """The policy's LoRA tensors, named as peft's ``get_peft_model_state_dict`` names them."""
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.policy)
-
-    def sync_weights(self) -> int:
-        """Send the LoRA to the rollout in memory (``update_weights``); returns the rollout's weight version."""
-        weights = ((name, tensor.detach()) for name, tensor in self.lora_state().items())
-        return self._loop.run_until_complete(self.rollout.update_weights(weights, peft_config=self.peft_config))
-
-    # -- outputs ------------------------------------------------------------------------------------------------------
+    # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint the LoRA (peft format) and the trainer state under ``checkpoints/step_XXXXXX``."""
-        state = {
+        """Checkpoint the LoRA (peft format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
+        state = self.workers.state()
+        trainer_state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": state["optimizer"],
             "history": self.history,
             "seed": self.config.trainer.seed,
         }
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
-        return save_checkpoint(path, self.lora_state(), self.peft_config, state)
+        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state)
 
     def _resume(self, path: str) -> None:
-        from peft import set_peft_model_state_dict
-
         lora, _, state = load_checkpoint(path)
-        result = set_peft_model_state_dict(self.policy, lora)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"checkpoint {path} does not match the LoRA config: unexpected {result.unexpected_keys[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.workers.load_state(lora, state["optimizer"], source=f"checkpoint {path}")
         self.step = int(state["step"])
         self.history = list(state["history"])
-        self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def plot(self, batch=None, rewards: torch.Tensor | None = None) -> None:
-        """Reward curve (``reward_curve.png``) and, given a batch, a grid of its images with their rewards."""
+    # -- outputs ------------------------------------------------------------------------------------------------------
+
+    def plot(self) -> None:
+        """The reward curve (``reward_curve.png``)."""
         if self.history:
             save_curves(
                 {"reward_mean": [h["reward_mean"] for h in self.history]},
@@ -333,10 +257,22 @@ class FlowGRPOTrainer:
                 title="FlowGRPO reward (mean ± std over the step's samples)",
                 bands={"reward_mean": [h["reward_std"] for h in self.history]},
             )
-        if batch is not None and rewards is not None:
-            count = min(len(batch), 16)
-            captions = [f"{p[:18]} r={float(r):.3f}" for p, r in zip(batch.prompts[:count], rewards[:count])]
-            save_image_grid(batch.responses[:count], self.out_dir / f"samples_step_{self.step:06d}.png", captions)
+
+    def _plot_samples(self, results, owned, rewards: torch.Tensor, prompts: list[str]) -> None:
+        """A grid of the step's first samples (global order) with their rewards; and the reward curve."""
+        n = self.config.group_size
+        found: dict[int, torch.Tensor] = {}
+        for result, gs in zip(results, owned):
+            if result.images is None:
+                continue
+            for k, image in enumerate(result.images):
+                found[gs[k // n] * n + k % n] = image
+        index = sorted(found)[:GRID_IMAGES]
+        if index:
+            images = torch.stack([found[i] for i in index]).float() / 255
+            captions = [f"{prompts[i // n][:18]} r={float(rewards[i]):.3f}" for i in index]
+            save_image_grid(images, self.out_dir / f"samples_step_{self.step:06d}.png", captions)
+        self.plot()
 
     @staticmethod
     def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
@@ -346,13 +282,12 @@ class FlowGRPOTrainer:
             "clipfrac": "clip",
             "kl": "kl",
             "approx_kl": "akl",
-            "sync_s": "sync",
             "rollout_s": "roll",
             "train_s": "train",
+            "switch_s": "switch",
         }
         return {short: f"{metrics[k]:.3g}" for k, short in keys.items() if metrics.get(k) is not None}
 
     def close(self) -> None:
         self.logger.close()
-        self.reward.close()
-        self._loop.close()
+        self.workers.close()

@@ -44,6 +44,7 @@ def flowgrpo_step_loss(
     *,
     kl: torch.Tensor | None = None,
     beta: float = 0.0,
+    sample_weight: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO-style clipped loss on one step's log-probs.
 
@@ -54,6 +55,9 @@ def flowgrpo_step_loss(
         clip_range: ratio clip ``epsilon``.
         kl: ``[B]`` KL to the reference for this step (with grad), when ``beta > 0``.
         beta: KL weight.
+        sample_weight: ``[B]`` weights; when given, ``loss`` and ``policy_loss`` are weighted sums over the batch
+            instead of means (a trainer normalising by the samples of a whole mini-batch, across micro-batches and
+            workers, passes ``keep / count``; a weight of 0 drops a sample). The statistics stay batch means.
     """
     if log_probs.shape != old_log_probs.shape or log_probs.shape != advantages.shape:
         raise ValueError(
@@ -64,8 +68,15 @@ def flowgrpo_step_loss(
     ratio = torch.exp(diff)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = torch.mean(torch.maximum(unclipped, clipped))
-    kl_mean = torch.zeros((), device=log_probs.device) if kl is None else kl.mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    if sample_weight is None:
+        policy_loss = per_sample.mean()
+        kl_mean = torch.zeros((), device=log_probs.device) if kl is None else kl.mean()
+    else:
+        if sample_weight.shape != per_sample.shape:
+            raise ValueError(f"sample_weight has shape {tuple(sample_weight.shape)}, expected {tuple(per_sample.shape)}")
+        policy_loss = (per_sample * sample_weight).sum()
+        kl_mean = torch.zeros((), device=log_probs.device) if kl is None else (kl * sample_weight).sum()
     loss = policy_loss + beta * kl_mean if beta > 0 else policy_loss
     with torch.no_grad():
         clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()

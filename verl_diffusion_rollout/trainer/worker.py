@@ -1,0 +1,101 @@
+"""Multi-device FlowGRPO on verl's single-controller machinery: one :class:`FlowGRPOWorker` per device.
+
+The driver builds a verl ``RayResourcePool`` (``trainer.n_gpus_per_node`` processes on each of ``trainer.nnodes``
+nodes) and a ``RayWorkerGroup`` of this class; verl starts one Ray actor per bundle and hands each its rank, the
+world size and the rendezvous address. Each worker owns a :class:`~verl_diffusion_rollout.trainer.actor.FlowGRPOActor`
+on its device and joins a ``torch.distributed`` process group (NCCL on GPUs, gloo on CPUs) used for one thing:
+summing the float64 gradient accumulators before every optimizer step, so every worker steps with the same
+gradients and keeps bit-identical LoRA weights.
+
+Methods are registered with verl's dispatch modes: ``DP_COMPUTE`` takes one argument per worker (the driver's
+per-worker requests), ``ONE_TO_ALL`` broadcasts, ``RANK_ZERO`` runs on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, Execute, register
+
+from .actor import FlowGRPOActor, GenerateResult, MiniBatchPlan, UpdateResult
+from .config import FlowGRPOConfig
+
+__all__ = ["FlowGRPOWorker"]
+
+
+class FlowGRPOWorker(Worker):
+    """A verl worker holding one device's rollout engine and the policy trained in it."""
+
+    def __init__(self, config: FlowGRPOConfig, cpu_threads: int | None = None):
+        super().__init__()
+        self.config = config
+        self.cpu_threads = cpu_threads
+        self.actor: FlowGRPOActor | None = None
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self) -> dict[str, Any]:
+        """Join the process group and build the actor; returns where it landed."""
+        import torch.distributed as dist
+
+        on_gpu = str(self.config.rollout.device or "").startswith("cuda") or (
+            self.config.rollout.device is None and torch.cuda.is_available()
+        )
+        if on_gpu:
+            torch.cuda.set_device(0)  # Ray shows each worker its own GPU as cuda:0
+        elif self.cpu_threads:
+            # CPU kernels split their work by thread count, and so round differently: every worker uses the
+            # driver's count, so results do not depend on how many workers share the samples.
+            torch.set_num_threads(self.cpu_threads)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if on_gpu else "gloo",
+                rank=self.rank,
+                world_size=self.world_size,
+                device_id=torch.device("cuda", 0) if on_gpu else None,
+            )
+        self.actor = FlowGRPOActor(self.config, all_reduce=self._all_reduce)
+        return {
+            "rank": self.rank,
+            "host": os.uname().nodename,
+            "device": str(self.actor.device),
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        }
+
+    @staticmethod
+    def _all_reduce(tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
+    def generate(self, request: dict[str, Any]) -> GenerateResult:
+        return self.actor.generate(**request)
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
+    def update(self, request: dict[str, Any]) -> UpdateResult:
+        plan = [MiniBatchPlan(**p) for p in request["plan"]]
+        return self.actor.update(request["advantages"], request["keep"], plan)
+
+    @register(dispatch_mode=Dispatch.ALL_TO_ALL, execute_mode=Execute.RANK_ZERO)
+    def state(self) -> dict[str, Any]:
+        return self.actor.state()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_state(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any] | None, source: str) -> None:
+        self.actor.load_state(lora, optimizer, source)
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def checksum(self) -> str:
+        return self.actor.checksum()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.actor is not None:
+            self.actor.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()

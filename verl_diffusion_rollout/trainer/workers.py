@@ -1,0 +1,141 @@
+"""The driver's handle on its workers: one in this process, or a verl ``RayWorkerGroup`` of them.
+
+Both expose the same calls, taking one request per worker and returning one result per worker:
+``generate``, ``update``, ``state`` (rank 0), ``load_state``, ``checksums``, ``close``. A worker that dies
+raises :class:`WorkerFailed` naming its rank and what it was doing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .actor import FlowGRPOActor, GenerateResult, MiniBatchPlan, UpdateResult
+from .config import FlowGRPOConfig
+
+__all__ = ["WorkerFailed", "LocalWorkers", "RayWorkers", "make_workers"]
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or raised; ``rank`` and ``phase`` say which and when."""
+
+    def __init__(self, rank: int, phase: str, cause: BaseException):
+        super().__init__(f"worker {rank} failed during {phase}: {type(cause).__name__}: {cause}")
+        self.rank, self.phase, self.cause = rank, phase, cause
+
+
+class LocalWorkers:
+    """``trainer.nnodes * trainer.n_gpus_per_node == 1``: the one worker is an actor in this process (no Ray)."""
+
+    world_size = 1
+
+    def __init__(self, config: FlowGRPOConfig):
+        self.actor = FlowGRPOActor(config)
+        self.placements = [{"rank": 0, "device": str(self.actor.device)}]
+
+    def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
+        return [self.actor.generate(**requests[0])]
+
+    def update(self, requests: list[dict[str, Any]]) -> list[UpdateResult]:
+        request = requests[0]
+        plan = [MiniBatchPlan(**p) for p in request["plan"]]
+        return [self.actor.update(request["advantages"], request["keep"], plan)]
+
+    def state(self) -> dict[str, Any]:
+        return self.actor.state()
+
+    def load_state(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any] | None, source: str) -> None:
+        self.actor.load_state(lora, optimizer, source)
+
+    def checksums(self) -> list[str]:
+        return [self.actor.checksum()]
+
+    def close(self) -> None:
+        self.actor.close()
+
+
+class RayWorkers:
+    """``trainer.nnodes x trainer.n_gpus_per_node`` :class:`~.worker.FlowGRPOWorker` actors in a verl
+    ``RayWorkerGroup`` over a verl ``RayResourcePool`` (one bundle, and one process, per device).
+
+    Joins the Ray cluster at ``trainer.ray_address`` (or ``RAY_ADDRESS``) when given, else starts a local one.
+    """
+
+    def __init__(self, config: FlowGRPOConfig):
+        import ray
+        from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+        from .worker import FlowGRPOWorker
+
+        trainer = config.trainer
+        if not ray.is_initialized():
+            ray.init(address=trainer.ray_address, log_to_driver=True)
+        device = config.rollout.device
+        use_gpu = str(device).startswith("cuda") if device is not None else bool(ray.cluster_resources().get("GPU"))
+        self.world_size = trainer.world_size
+        pool = RayResourcePool(
+            process_on_nodes=[trainer.n_gpus_per_node] * trainer.nnodes,
+            use_gpu=use_gpu,
+            max_colocate_count=1,
+        )
+        self.pool = pool
+        # CPU workers compute with the driver's intra-op thread count (see FlowGRPOWorker.init_model).
+        worker_cls = RayClassWithInitArgs(cls=ray.remote(FlowGRPOWorker), config=config,
+                                          cpu_threads=None if use_gpu else torch.get_num_threads())
+        self.group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=worker_cls,
+                                    device_name="cuda" if use_gpu else "cpu")
+        self.placements = self._call("init_model", self.group.execute_all_async("init_model"))
+        logger.info("FlowGRPO workers: %s", self.placements)
+
+    def _call(self, phase: str, refs: list) -> list:
+        """Wait for one result per worker; a failure names the worker's rank."""
+        import ray
+
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except (ray.exceptions.RayError, Exception) as err:  # actor died, or raised
+                raise WorkerFailed(rank, phase, err) from err
+        return results
+
+    def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
+        return self._call("generate", self.group.generate(requests))
+
+    def update(self, requests: list[dict[str, Any]]) -> list[UpdateResult]:
+        return self._call("update", self.group.update(requests))
+
+    def state(self) -> dict[str, Any]:
+        return self._call("state", [self.group.execute_rank_zero_async("state")])[0]
+
+    def load_state(self, lora: dict[str, torch.Tensor], optimizer: dict[str, Any] | None, source: str) -> None:
+        import ray
+
+        refs = [ray.put(lora), ray.put(optimizer)]
+        self._call("load_state", self.group.execute_all_async("load_state", *refs, source))
+
+    def checksums(self) -> list[str]:
+        return self._call("checksum", self.group.execute_all_async("checksum"))
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            self._call("close", self.group.execute_all_async("close"))
+        except WorkerFailed as err:
+            logger.warning("closing the workers: %s", err)
+        for worker in self.group.workers:
+            ray.kill(worker)
+        for pg in self.pool.pgs or []:
+            ray.util.remove_placement_group(pg)
+
+
+def make_workers(config: FlowGRPOConfig) -> LocalWorkers | RayWorkers:
+    """One worker in this process for a world of 1, else a verl Ray worker group."""
+    if config.trainer.world_size == 1:
+        return LocalWorkers(config)
+    return RayWorkers(config)
