@@ -27,6 +27,7 @@ from vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image import QwenImageP
 from vllm_omni.diffusion.worker.diffusion_worker import CustomPipelineWorkerExtension
 
 from ..config import DiffusionSamplingConfig
+from ..contract import stack_padded
 from ..lora_sync import VLLMOmniLoRAPatch
 from ..pipelines.loop import Velocity, denoise_loop, per_sample_generators
 from ..pipelines.qwenimage import decode_packed_latents, qwenimage_initial_latents, qwenimage_scheduler
@@ -89,23 +90,35 @@ class VLLMOmniQwenImageLogProbPipeline(OmniQwenImagePipeline):
         if batch != len(texts) * n:
             raise ValueError(f"got {batch} seeds for {len(texts)} prompts x {n} outputs")
 
-        # 1-3. Each sample's initial noise from its own seed; vllm-omni encodes the prompts (and keeps our noise)
+        # 1-3. Each sample's initial noise from its own seed; each distinct prompt encoded once by vllm-omni's
+        # encoder and repeated per sample here (vllm-omni's num_images_per_prompt repeat misorders the masks of a
+        # batch of prompts of different lengths).
         generators = per_sample_generators(seeds)
         init = qwenimage_initial_latents(
             generators, self.transformer.in_channels, sampling.height, sampling.width, self.vae_scale_factor, self.device
         )
+        per_sample = [t for t in texts for _ in range(n)]
+        prompt_embeds, prompt_mask = self._encode_each(per_sample, sampling.max_sequence_length)
+        negative_embeds = negative_mask = None
+        if sampling.guidance_scale > 1:
+            negative_embeds, negative_mask = self._encode_each([sampling.negative_prompt] * batch,
+                                                               sampling.max_sequence_length)
         ctx = self._prepare_generation_context(
-            prompt=texts,
-            negative_prompt=[sampling.negative_prompt] * len(texts) if sampling.guidance_scale > 1 else None,
+            prompt=None,
+            negative_prompt=None,
             height=sampling.height,
             width=sampling.width,
             num_inference_steps=sampling.num_steps,
             sigmas=None,
             guidance_scale=1.0,
-            num_images_per_prompt=n,
+            num_images_per_prompt=1,
             generator=None,
             true_cfg_scale=sampling.guidance_scale,
             max_sequence_length=sampling.max_sequence_length,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_mask=prompt_mask,
+            negative_prompt_embeds=negative_embeds,
+            negative_prompt_embeds_mask=negative_mask,
             latents=init,
             attention_kwargs=None,
             callback_on_step_end_tensor_inputs=["latents"],
@@ -136,6 +149,16 @@ class VLLMOmniQwenImageLogProbPipeline(OmniQwenImagePipeline):
             payload = {"image": images[part], "trajectory": {k: v[part] for k, v in tensors.items()}}
             outputs.append(DiffusionOutput(output={"payload": payload}))
         return outputs
+
+    def _encode_each(self, texts: Sequence[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, S, E]`` embeddings and ``[B, S]`` masks, each distinct text encoded alone by vllm-omni's encoder
+        (so a sample's embedding never depends on the batch), right-padded to the longest."""
+        cache = {}
+        for text in dict.fromkeys(texts):
+            embeds, mask = self.encode_prompt(prompt=[text], num_images_per_prompt=1,
+                                              max_sequence_length=max_sequence_length)
+            cache[text] = embeds[0, : int(mask[0].sum())]
+        return stack_padded([cache[t] for t in texts])
 
     def _velocity(self, ctx: dict[str, Any], guidance_scale: float) -> Velocity:
         """vllm-omni's guided Qwen-Image velocity (true CFG with norm rescale, ``t / 1000`` in the model dtype)."""
