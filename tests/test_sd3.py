@@ -295,3 +295,34 @@ def test_engine_lora_sync_changes_output_deterministically_and_bad_updates_chang
     diff = (replayed - synced.rollout_log_probs[:, steps]).abs().max().item()
     print(f"SD3 merged-LoRA rollout vs unmerged peft replay: max |d log_prob| = {diff:.3g}")
     assert diff < 1e-4 < (base - synced.rollout_log_probs[:, steps]).abs().max().item()
+
+
+# -- model configs ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "sd35_medium"])
+def test_model_configs_target_the_joint_attention_of_every_block(name, tiny_sd3_model_path, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+
+    import verl_diffusion_rollout  # noqa: F401  (registers the vdr.* resolvers)
+    from verl_diffusion_rollout.lora_sync import LoRASpec
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml")
+    if name == "tiny_sd3":
+        monkeypatch.setenv("VDR_CACHE", str(tmp_path))
+        model = instantiate(config)
+        assert model.local_path == str(tmp_path / "tiny-sd3") and os.path.isfile(
+            os.path.join(model.local_path, "model_index.json"))
+    else:
+        assert OmegaConf.is_missing(config, "path") and (config.lora_rank, config.lora_alpha) == (32, 64)
+    transformer = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_model_path).transformer
+    spec = LoRASpec.from_model(transformer, LoraConfig(r=4, target_modules=list(config.target_modules)))
+    # The 8 joint-attention projections of the first block and 7 of the last (text-pre-only: it keeps add_q/k/v_proj
+    # but has no to_add_out), never the first block's image-only attn2.
+    assert not any(".attn2." in m for m in spec.modules)
+    assert {m.rsplit("attn.", 1)[1] for m in spec.modules} == set(SD3_ATTENTION_MODULES)
+    assert len(spec.modules) == 8 + 7
