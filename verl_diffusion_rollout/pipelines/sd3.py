@@ -18,6 +18,7 @@ CLIP-L, CLIP-G, T5, ``AutoencoderKL``; same ``from_pretrained``) whose ``__call_
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -202,8 +203,10 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
     """SD3 / SD3.5 text-to-image sampling that records what RL training needs.
 
     Every request gets its own scheduler and per-sample generators, and ``__call__`` keeps no state on the
-    pipeline (SD3's text encoders and VAE keep none either), so concurrent requests do not interfere and a sample
-    depends only on its prompt, its seed and the sampling config.
+    pipeline, so concurrent requests do not interfere and a sample depends only on its prompt, its seed and the
+    sampling config. The tokenizers are not thread-safe (a fast tokenizer switches its padding and truncation
+    settings for every call), so text encoding runs one request at a time; the denoising loop and the decode run
+    concurrently.
     """
 
     family = SD3
@@ -235,6 +238,7 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
         )
+        self._text_lock = threading.Lock()
         self.attention_backend = "auto"  # see loop.attention_backend(); the engine sets it from the rollout config
         # True when a trainer trains this very transformer (see QwenImageLogProbPipeline): stochastic steps run the
         # transformer with autograd enabled, as the trainer's replay does.
@@ -390,7 +394,10 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
     ) -> dict[str, torch.Tensor | None]:
         """Prompt (and negative prompt) embeddings, pooled embeddings and all-ones masks for every sample, in the
         transformer's dtype. Each distinct prompt is encoded alone, so its embedding never depends on the batch."""
-        cache = {p: self._encode_one(p, sampling.max_sequence_length, device) for p in dict.fromkeys(prompts)}
+        with self._text_lock:
+            cache = {p: self._encode_one(p, sampling.max_sequence_length, device) for p in dict.fromkeys(prompts)}
+            if sampling.guidance_scale > 1:
+                neg, neg_pooled = self._encode_one(sampling.negative_prompt, sampling.max_sequence_length, device)
         embeds = torch.stack([cache[p][0] for p in prompts])
         env: dict[str, torch.Tensor | None] = {
             "prompt_embeds": embeds,
@@ -401,7 +408,6 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             "negative_pooled_prompt_embeds": None,
         }
         if sampling.guidance_scale > 1:
-            neg, neg_pooled = self._encode_one(sampling.negative_prompt, sampling.max_sequence_length, device)
             env["negative_prompt_embeds"] = neg.expand(len(prompts), -1, -1).contiguous()
             env["negative_prompt_embeds_mask"] = torch.ones(
                 env["negative_prompt_embeds"].shape[:2], dtype=torch.long, device=neg.device
