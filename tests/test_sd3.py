@@ -79,6 +79,7 @@ def test_contract_keys_shapes_and_dtypes(sd3_engine, sd3_sampling):
     C, h = 4, 64 // 4  # tiny VAE factor 4, 4 latent channels, unpacked
     S = 77 + sd3_sampling.max_sequence_length  # CLIP tokens then T5 tokens
     assert batch.family == "sd3" and batch.meta()["family"] == "sd3"
+    assert sd3_engine.attn_processor is None  # SD3 keeps diffusers' joint-attention processors
     assert set(CONTRACT_KEYS) <= set(d) and set(DEBUG_KEYS) <= set(d)
     assert d["responses"].shape == (B, 3, 64, 64) and 0.0 <= d["responses"].min() and d["responses"].max() <= 1.0
     assert d["all_latents"].shape == (B, T + 1, C, h, h) and d["all_latents"].dtype == torch.float32

@@ -483,10 +483,6 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         """A scheduler for one request (see :func:`qwenimage_scheduler`)."""
         return qwenimage_scheduler(self.scheduler, num_steps, image_seq_len=image_seq_len, device=device)
 
-    def use_fast_attention(self) -> Any:
-        """Qwen-Image's compile-friendly joint-attention processor on this pipeline's transformer (reversible)."""
-        return self.family.use_fast_attention(self.transformer)
-
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
         with self._stateful_stage_lock:
