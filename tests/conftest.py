@@ -31,3 +31,27 @@ def small_sampling():
     from verl_diffusion_rollout.config import DiffusionSamplingConfig
 
     return DiffusionSamplingConfig(height=64, width=64, num_steps=4, guidance_scale=4.0, noise_level=0.7)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_model_path(tmp_path_factory) -> str:
+    from verl_diffusion_rollout.testing import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def sd3_engine(tiny_sd3_model_path):
+    """A float32 CPU engine on the tiny SD3.5, shared by read-only tests."""
+    from verl_diffusion_rollout.engines import DiffusersEngine
+
+    return DiffusersEngine(tiny_sd3_model_path, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def sd3_sampling():
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+
+    return DiffusionSamplingConfig(
+        height=64, width=64, num_steps=4, guidance_scale=4.5, noise_level=0.7, negative_prompt="", max_sequence_length=16
+    )

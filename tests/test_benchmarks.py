@@ -27,5 +27,30 @@ def test_rollout_bench_tiny_runs_and_reports(tmp_path):
     assert lora["no_drift_after_syncs"] and lora["base_restored_exactly"] and lora["sync_ms_from_gpu_median"] > 0
     numerics = results["numerics"]
     assert numerics["ode_bit_exact_float32"] and numerics["ode_bit_exact_bfloat16"]
+    assert numerics["pipeline_ode_bit_exact_float32"] and numerics["pipeline_ode_bit_exact_bfloat16"]
+    assert all(v == 0.0 for k, v in numerics.items() if k.startswith("replay_max_abs_diff"))
+    assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().startswith("# Rollout benchmark")
+
+
+def test_rollout_bench_tiny_sd3_runs_and_reports(tmp_path):
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "rollout_bench.py"), "--tiny", "--family", "sd3", "--batch-sizes", "2",
+        "--full-batches", "--core-variants", "diffusers,ours_nocapture,ours_sde_window,ours_opt",
+        "--lora", "--numerics", "--steps", "4", "--out", str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (json_path,) = tmp_path.glob("*_sd3.json")
+    results = json.loads(json_path.read_text())
+    assert results["meta"]["family"] == "sd3" and "SD3.5" in results["meta"]["model"]
+    rows = results["rollout"]
+    assert [r["variant"] for r in rows] == ["diffusers", "ours_nocapture", "ours_sde_window", "ours_opt"]
+    assert all("error" not in r and r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    lora = results["lora"]
+    assert lora["modules"] == 15  # joint attention only: 8 + 7 (text-pre-only last block), no attn2
+    assert lora["no_drift_after_syncs"] and lora["base_restored_exactly"] and lora["sync_ms_from_gpu_median"] > 0
+    numerics = results["numerics"]
+    for dtype in ("float32", "bfloat16"):
+        assert numerics[f"ode_bit_exact_{dtype}"] and numerics[f"pipeline_ode_bit_exact_{dtype}"]
     assert all(v == 0.0 for k, v in numerics.items() if k.startswith("replay_max_abs_diff"))
     assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().startswith("# Rollout benchmark")

@@ -1,8 +1,11 @@
-"""The in-memory LoRA patch against the real vllm-omni and vLLM classes, on the CPU.
+"""The in-memory LoRA patch, the output conversion and our custom pipeline's ``forward``, against the real vllm-omni
+and vLLM classes, on the CPU.
 
 These run in the second environment that ``.ci/run`` builds (vllm-omni 0.30 pins transformers >= 5.13 while verl
-0.9 pins < 5.11). The manager, the loader and the LoRA layers are vllm-omni's and vLLM's own; the pipeline is a
-small real ``nn.Module`` with vLLM ``ReplicatedLinear`` projections named as Qwen-Image's.
+0.9 pins < 5.11). The manager, the loader and the LoRA layers are vllm-omni's and vLLM's own; the LoRA pipeline is
+a small real ``nn.Module`` with vLLM ``ReplicatedLinear`` projections named as Qwen-Image's. The custom pipeline's
+``forward`` runs over a labelled stand-in for vllm-omni's Qwen-Image pipeline class (its modules need vLLM's
+compiled ops) that carries the tiny Qwen-Image; requests, sampling params and outputs are vllm-omni's own classes.
 """
 
 from __future__ import annotations
@@ -305,3 +308,260 @@ def test_engine_refuses_cpu_devices(tmp_path):
 
     with pytest.raises(ValueError, match="runs on CUDA devices"):
         VLLMOmniEngine(str(tmp_path), device="cpu")
+
+
+# -- the custom pipeline's forward, on the CPU ------------------------------------------------------------------------
+
+
+class StandInOmniQwenImagePipeline(torch.nn.Module):
+    """STAND-IN for vllm-omni's ``QwenImagePipeline`` (``vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image``),
+    whose transformer, text encoder and VAE need vLLM's compiled ops and a GPU worker.
+
+    It carries the tiny Qwen-Image's diffusers modules, loaded from the tiny folder like a real checkpoint, and
+    provides what our custom pipeline uses of vllm-omni's class, computed as vllm-omni 0.30 computes it:
+    ``encode_prompt`` (masks always explicit), ``_prepare_generation_context``, ``predict_noise_maybe_with_cfg``
+    (sequential true CFG with norm rescale), ``device``, ``vae_scale_factor``, ``transformer.in_channels``, the latent
+    (un)packing, no ``image_processor``; its plain ``forward`` only records the call.
+    """
+
+    def __init__(self, model_path: str):
+        from diffusers import QwenImagePipeline
+
+        super().__init__()
+        self._diffusers = QwenImagePipeline.from_pretrained(model_path)
+        self.transformer = self._diffusers.transformer
+        self.transformer.in_channels = self.transformer.config.in_channels  # vllm-omni's transformer attribute
+        self.vae = self._diffusers.vae
+        self.text_encoder = self._diffusers.text_encoder
+        self.scheduler = self._diffusers.scheduler
+        self.vae_scale_factor = self._diffusers.vae_scale_factor
+        self.device = torch.device("cpu")
+        self.plain_requests = []
+
+    _pack_latents = staticmethod(lambda *a: __import__("diffusers").QwenImagePipeline._pack_latents(*a))
+    _unpack_latents = staticmethod(lambda *a: __import__("diffusers").QwenImagePipeline._unpack_latents(*a))
+
+    def forward(self, req):
+        self.plain_requests.append(req)
+        return ["plain vllm-omni output"]
+
+    def encode_prompt(self, prompt, num_images_per_prompt=1, prompt_embeds=None, prompt_embeds_mask=None,
+                      max_sequence_length=1024, prompt_name="prompt"):
+        batch = len(prompt) if prompt_embeds is None else prompt_embeds.shape[0]
+        if prompt_embeds is None:
+            prompt_embeds, prompt_embeds_mask = self._diffusers._get_qwen_prompt_embeds(prompt, device=self.device)
+        prompt_embeds = prompt_embeds[:, :max_sequence_length]
+        prompt_embeds_mask = prompt_embeds_mask[:, :max_sequence_length]
+        seq = prompt_embeds.shape[1]
+        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq, -1)
+        prompt_embeds_mask = prompt_embeds_mask.repeat(1, num_images_per_prompt, 1).view(batch * num_images_per_prompt, seq)
+        return prompt_embeds, prompt_embeds_mask
+
+    def _prepare_generation_context(self, *, prompt, negative_prompt, height, width, num_inference_steps, sigmas,
+                                    guidance_scale, num_images_per_prompt, generator, true_cfg_scale,
+                                    max_sequence_length, prompt_embeds=None, prompt_embeds_mask=None,
+                                    negative_prompt_embeds=None, negative_prompt_embeds_mask=None, latents=None,
+                                    attention_kwargs=None, callback_on_step_end_tensor_inputs=None):
+        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        has_negative = negative_prompt is not None or negative_prompt_embeds is not None
+        do_true_cfg = true_cfg_scale > 1 and has_negative
+        prompt_embeds, prompt_embeds_mask = self.encode_prompt(
+            prompt, num_images_per_prompt, prompt_embeds, prompt_embeds_mask, max_sequence_length)
+        if do_true_cfg:
+            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
+                negative_prompt, num_images_per_prompt, negative_prompt_embeds, negative_prompt_embeds_mask,
+                max_sequence_length)
+        else:
+            negative_prompt_embeds = negative_prompt_embeds_mask = None
+        return {
+            "prompt_embeds": prompt_embeds, "prompt_embeds_mask": prompt_embeds_mask,
+            "negative_prompt_embeds": negative_prompt_embeds, "negative_prompt_embeds_mask": negative_prompt_embeds_mask,
+            "latents": latents.to(prompt_embeds.dtype),
+            "img_shapes": [[(1, height // self.vae_scale_factor // 2, width // self.vae_scale_factor // 2)]] * batch,
+            "timesteps": None, "do_true_cfg": do_true_cfg, "guidance": None,
+            "txt_seq_lens": [prompt_embeds.shape[1]] * prompt_embeds.shape[0],
+            "negative_txt_seq_lens": None if negative_prompt_embeds is None else
+            [negative_prompt_embeds.shape[1]] * negative_prompt_embeds.shape[0],
+        }
+
+    def predict_noise(self, **kwargs):
+        kwargs.pop("txt_seq_lens")  # vllm-omni's transformer builds RoPE from it; diffusers' from the embeddings
+        return self.transformer(**kwargs)[0]
+
+    def predict_noise_maybe_with_cfg(self, do_true_cfg, true_cfg_scale, positive_kwargs, negative_kwargs,
+                                     cfg_normalize=True, output_slice=None):
+        positive = self.predict_noise(**positive_kwargs)
+        if not do_true_cfg:
+            return positive
+        negative = self.predict_noise(**negative_kwargs)
+        comb = negative + true_cfg_scale * (positive - negative)
+        if cfg_normalize:
+            comb = comb * (torch.norm(positive, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return comb
+
+
+@pytest.fixture
+def omni_pipeline(tiny_model_path):
+    """``VLLMOmniQwenImageLogProbPipeline`` imported over the stand-in base class (and, where vllm-omni's worker module
+    cannot import here, a stand-in ``CustomPipelineWorkerExtension``), built on the tiny Qwen-Image."""
+    import importlib
+    import sys
+    import types
+
+    name = "verl_diffusion_rollout.engines.vllm_omni_pipeline"
+    base_name = "vllm_omni.diffusion.models.qwen_image.pipeline_qwen_image"
+    worker_name = "vllm_omni.diffusion.worker.diffusion_worker"
+    saved = {k: sys.modules.get(k) for k in (name, base_name, worker_name)}
+    base = types.ModuleType(base_name)
+    base.QwenImagePipeline = StandInOmniQwenImagePipeline
+    sys.modules[base_name] = base
+    try:
+        importlib.import_module(worker_name)
+    except ImportError:  # it imports torchvision, whose compiled ops do not match the CPU torch here
+        worker = types.ModuleType(worker_name)
+        worker.CustomPipelineWorkerExtension = type("CustomPipelineWorkerExtension", (), {})  # stand-in
+        sys.modules[worker_name] = worker
+    sys.modules.pop(name, None)
+    module = importlib.import_module(name)
+    try:
+        yield module, module.VLLMOmniQwenImageLogProbPipeline(tiny_model_path)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+        import verl_diffusion_rollout.engines as engines_pkg
+
+        if saved[name] is None and hasattr(engines_pkg, "vllm_omni_pipeline"):
+            delattr(engines_pkg, "vllm_omni_pipeline")
+
+
+def omni_request(prompts, sampling, seeds_per_request, window_seeds, n):
+    """A real vllm-omni request batch, one request per prompt, as VLLMOmniEngine.generate builds it."""
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    from verl_diffusion_rollout.engines.vllm_omni_engine import omni_request_extra_args
+
+    requests = []
+    for i, prompt in enumerate(prompts):
+        config = sampling[i] if isinstance(sampling, list) else sampling
+        params = OmniDiffusionSamplingParams(
+            height=config.height, width=config.width, num_inference_steps=config.num_steps,
+            true_cfg_scale=config.guidance_scale, num_outputs_per_prompt=n, output_type="pt",
+            extra_args=omni_request_extra_args(config, seeds_per_request[i], window_seeds[i]),
+        )
+        requests.append(OmniDiffusionRequest(prompt={"prompt": prompt, "negative_prompt": config.negative_prompt},
+                                             sampling_params=params, request_id=f"r{i}"))
+    return DiffusionRequestBatch(requests=requests)
+
+
+def to_batch(outputs, sampling, prompts, n):
+    """Our pipeline's DiffusionOutputs as the engine's client receives them, converted to the data contract."""
+    from vllm_omni.outputs import OmniRequestOutput
+
+    from verl_diffusion_rollout.engines.vllm_omni_engine import rollout_batch_from_omni_outputs
+
+    converted = []
+    for i, out in enumerate(outputs):
+        payload = out.output["payload"]
+        converted.append(OmniRequestOutput.from_diffusion(
+            request_id=f"r{i}", images=list(payload["image"]), prompt={"prompt": prompts[i]},
+            multimodal_output={"trajectory": payload["trajectory"]},
+        ))
+    return rollout_batch_from_omni_outputs(converted, sampling, prompts=[p for p in prompts for _ in range(n)])
+
+
+OMNI_SAMPLING = dict(height=64, width=64, num_steps=4, guidance_scale=4.0, sde_window=[1, 2], noise_level=0.8,
+                     batch_cfg=False, negative_prompt=" ")
+
+
+def test_forward_runs_the_shared_loop_and_matches_the_diffusers_engine(omni_pipeline, tiny_model_path, monkeypatch):
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines import DiffusersEngine
+    from verl_diffusion_rollout.pipelines import loop
+    from verl_diffusion_rollout.trainer.replay import compute_log_probs, trainable_steps
+
+    module, pipe = omni_pipeline
+    calls = []
+    monkeypatch.setattr(module, "denoise_loop", lambda *a, **k: calls.append(k) or loop.denoise_loop(*a, **k))
+    sampling = DiffusionSamplingConfig(**OMNI_SAMPLING)
+    prompts = ["a red cat", "a blue dog photo with a tree"]  # different lengths: masked padding in the batch
+    seeds = [[5, 6], [7, 8]]
+    outputs = pipe.forward(omni_request(prompts, sampling, seeds, [3, 3], n=2))
+    assert len(calls) == 1 and calls[0]["window_seed"] == 3 and len(outputs) == 2
+    batch = to_batch(outputs, sampling, prompts, n=2)
+    assert batch.seeds.tolist() == [5, 6, 7, 8] and batch.sde_mask[0].nonzero().flatten().tolist() == [1, 2]
+    # The same samples from the diffusers engine (same modules, same loop, sequential CFG, diffusers' processor);
+    # with several prompts of different lengths and n=2 each sample keeps its own prompt's mask.
+    reference = DiffusersEngine(tiny_model_path, fast_attention=False)
+    expected = reference.generate(prompts, seeds=[5, 6, 7, 8], n=2, sampling=sampling, window_seed=3)
+    assert torch.equal(batch.all_latents[:, 0], expected.all_latents[:, 0])  # initial noise from the seeds alone
+    assert torch.equal(batch.prompt_embeds_mask, expected.prompt_embeds_mask)
+    assert batch.prompt_embeds_mask.sum(1).tolist()[:2] == [batch.prompt_embeds_mask.sum(1).tolist()[0]] * 2
+    assert torch.equal(batch.prompt_embeds, expected.prompt_embeds)
+    assert torch.equal(batch.all_sigmas, expected.all_sigmas) and torch.equal(batch.all_timesteps, expected.all_timesteps)
+    diffs = {key: (getattr(batch, key) - getattr(expected, key)).abs().max().item()
+             for key in ("all_latents", "rollout_log_probs", "responses")}
+    print(f"vllm-omni pipeline (stand-in base) vs diffusers engine: {diffs}")
+    # Same modules, same loop, same inputs: the same numbers, bit for bit.
+    assert diffs == {"all_latents": 0.0, "rollout_log_probs": 0.0, "responses": 0.0}
+    # The trainer's replay of what the vllm-omni pipeline recorded gives back its log-probs.
+    steps = trainable_steps(batch)
+    with torch.no_grad():
+        replayed = compute_log_probs(reference.transformer, batch, steps)
+    replay_diff = (replayed - batch.rollout_log_probs[:, steps]).abs().max().item()
+    print(f"vllm-omni pipeline rollout vs diffusers replay: max |d log_prob| = {replay_diff}")
+    assert replay_diff == 0.0
+
+
+def test_forward_splits_a_batch_with_different_sampling_configs_or_window_seeds(omni_pipeline):
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+
+    module, pipe = omni_pipeline
+    sde = DiffusionSamplingConfig(**{**OMNI_SAMPLING, "sde_window": None, "sde_window_size": 1,
+                                     "sde_window_range": [0, 3]})
+    cps = sde.replace(sde_type="cps")
+    prompts = ["a red cat", "a blue dog", "city sky", "a green bird"]
+    configs = [sde, cps, sde, sde]
+    seeds = [[1], [2], [3], [4]]
+    windows = [0, 0, 0, 5]  # the last request differs from the first only in its window seed
+    assert sde.stochastic_steps(0) != sde.stochastic_steps(5)
+    mixed = pipe.forward(omni_request(prompts, configs, seeds, windows, n=1))
+    assert module.group_requests([{"sampling": c.to_dict(), "window_seed": w} for c, w in zip(configs, windows)],
+                                 [1] * 4) == [[0, 2], [1], [3]]
+
+    def alone(indices, config):
+        req = omni_request([prompts[i] for i in indices], config, [seeds[i] for i in indices],
+                           [windows[i] for i in indices], n=1)
+        return to_batch(pipe.forward(req), config, [prompts[i] for i in indices], n=1)
+
+    got = to_batch(mixed, sde, prompts, n=1)
+    for indices, config in (([0, 2], sde), ([1], cps), ([3], sde)):
+        ref = alone(indices, config)
+        for key in ("all_latents", "rollout_log_probs", "sde_mask"):
+            assert torch.equal(getattr(got, key)[indices], getattr(ref, key)), (indices, key)
+    # Never sampled with the first request's config: the cps request has cps log-probs, the last its own window.
+    sde_mask = got.sde_mask
+    assert sde_mask[3].nonzero().flatten().tolist() == sde.stochastic_steps(5)
+    assert sde_mask[0].nonzero().flatten().tolist() == sde.stochastic_steps(0)
+    as_sde = alone([1], sde)
+    assert not torch.equal(got.rollout_log_probs[1], as_sde.rollout_log_probs[0])
+
+
+def test_plain_requests_go_to_vllm_omni_and_mixed_batches_are_refused(omni_pipeline):
+    from vllm_omni.diffusion.request import OmniDiffusionRequest
+    from vllm_omni.diffusion.worker.request_batch import DiffusionRequestBatch
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+
+    _, pipe = omni_pipeline
+    plain = OmniDiffusionRequest(prompt="a cat", sampling_params=OmniDiffusionSamplingParams(), request_id="p")
+    assert pipe.forward(DiffusionRequestBatch(requests=[plain])) == ["plain vllm-omni output"]
+    ours = omni_request(["a dog"], DiffusionSamplingConfig(**OMNI_SAMPLING), [[1]], [0], n=1).requests[0]
+    with pytest.raises(ValueError, match=r"requests \[1\] of this batch carry no extra_args\['vdr'\]"):
+        pipe.forward(DiffusionRequestBatch(requests=[ours, plain]))
+    assert len(pipe.plain_requests) == 1

@@ -14,9 +14,15 @@ key                                shape, dtype                 meaning
 ``sde_mask``                       [B, T] bool                  which steps were stochastic
 ``prompt_embeds``                  [B, S, E] model dtype        text embeddings the transformer saw
 ``prompt_embeds_mask``             [B, S] int64                 1 for real tokens
-``negative_prompt_embeds(_mask)``  [B, S', E] / [B, S']         present when true CFG is on
+``negative_prompt_embeds(_mask)``  [B, S', E] / [B, S']         present when CFG is on
+``pooled_prompt_embeds``           [B, P] model dtype           SD3 only: pooled CLIP embeddings
+``negative_pooled_prompt_embeds``  [B, P] model dtype           SD3 only, with CFG
 ``seeds``                          [B] int64                    per-sample seed
 =================================  ===========================  ==============================================
+
+``L, D`` stand for the latent's shape as the family's transformer takes it: ``[L, D]`` packed tokens for
+Qwen-Image, ``[C, h, w]`` for SD3. The model family that produced a batch (``"qwenimage"``, ``"sd3"``) rides in
+``meta_info["family"]``; it selects how the trainer replays the steps.
 
 Debug tensors (``return_debug``): ``prev_sample_mean`` / ``variance_noise`` / ``model_output`` [B, T, L, D] fp32
 and ``noise_std`` [B, T] fp32 (zeros at deterministic steps).
@@ -32,14 +38,32 @@ import torch
 
 from .config import DiffusionSamplingConfig
 
-__all__ = ["RolloutBatch", "CONTRACT_KEYS", "ENV_KEYS", "DEBUG_KEYS"]
+__all__ = [
+    "RolloutBatch",
+    "CONTRACT_KEYS",
+    "ENV_KEYS",
+    "SEQUENCE_ENV_KEYS",
+    "DEBUG_KEYS",
+    "FAMILY_ENV_KEYS",
+    "infer_family",
+    "pad_tokens",
+    "stack_padded",
+    "cat_padded",
+]
 
-ENV_KEYS: tuple[str, ...] = (
+# Text inputs with a token axis (dim 1): right-padded with zeros (mask 0) when batches of different lengths meet.
+SEQUENCE_ENV_KEYS: tuple[str, ...] = (
     "prompt_embeds",
     "prompt_embeds_mask",
     "negative_prompt_embeds",
     "negative_prompt_embeds_mask",
 )
+# The denoising environment of each model family: what the transformer needs besides the latent and timestep.
+FAMILY_ENV_KEYS: dict[str, tuple[str, ...]] = {
+    "qwenimage": SEQUENCE_ENV_KEYS,
+    "sd3": (*SEQUENCE_ENV_KEYS, "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+}
+ENV_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for keys in FAMILY_ENV_KEYS.values() for k in keys))
 CONTRACT_KEYS: tuple[str, ...] = (
     "responses",
     "all_latents",
@@ -52,6 +76,40 @@ CONTRACT_KEYS: tuple[str, ...] = (
     "seeds",
 )
 DEBUG_KEYS: tuple[str, ...] = ("prev_sample_mean", "noise_std", "variance_noise", "model_output")
+
+
+def infer_family(tensors: dict[str, Any]) -> str:
+    """The family of a batch that does not name one: SD3 carries pooled embeddings, Qwen-Image does not."""
+    return "sd3" if tensors.get("pooled_prompt_embeds") is not None else "qwenimage"
+
+
+def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad ``[B, S, E]`` embeddings or ``[B, S]`` masks with zeros on the token axis up to ``length``."""
+    pad = length - t.shape[1]
+    if pad < 0:
+        raise ValueError(f"cannot pad {t.shape[1]} tokens down to {length}")
+    if pad == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, pad) if t.ndim == 3 else (0, pad))
+
+
+def stack_padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``[S_b, E]`` embeddings into ``[B, max S_b, E]`` (zeros after each row) and its ``[B, S]`` int64 mask."""
+    length = max(r.shape[0] for r in rows)
+    embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
+    for b, r in enumerate(rows):
+        embeds[b, : r.shape[0]] = r
+        mask[b, : r.shape[0]] = 1
+    return embeds, mask
+
+
+def cat_padded(key: str, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate one contract key's tensors on the batch axis; token axes of text inputs are right-padded."""
+    if key in SEQUENCE_ENV_KEYS:
+        length = max(v.shape[1] for v in values)
+        values = [pad_tokens(v, length) for v in values]
+    return torch.cat(list(values))
 
 
 @dataclass
@@ -74,9 +132,20 @@ class RolloutBatch:
     sampling: DiffusionSamplingConfig
     negative_prompt_embeds: torch.Tensor | None = None
     negative_prompt_embeds_mask: torch.Tensor | None = None
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
     debug: dict[str, torch.Tensor] = field(default_factory=dict)
     weight_version: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    family: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = infer_family({"pooled_prompt_embeds": self.pooled_prompt_embeds})
+        if self.family not in FAMILY_ENV_KEYS:
+            raise ValueError(f"unknown model family {self.family!r}; known: {sorted(FAMILY_ENV_KEYS)}")
+        if self.family == "sd3" and self.pooled_prompt_embeds is None:
+            raise ValueError("an sd3 rollout batch needs pooled_prompt_embeds")
 
     def __len__(self) -> int:
         return self.seeds.shape[0]
@@ -88,11 +157,16 @@ class RolloutBatch:
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor of the contract by key (negative embeddings only with CFG, debug tensors if asked)."""
         out = {key: getattr(self, key) for key in CONTRACT_KEYS}
-        if self.negative_prompt_embeds is not None:
-            out["negative_prompt_embeds"] = self.negative_prompt_embeds
-            out["negative_prompt_embeds_mask"] = self.negative_prompt_embeds_mask
+        for key in ENV_KEYS:
+            value = getattr(self, key)
+            if key not in out and value is not None:
+                out[key] = value
         out.update(self.debug)
         return out
+
+    def env(self) -> dict[str, torch.Tensor | None]:
+        """The denoising environment of this batch's family, by key (None where absent, e.g. without CFG)."""
+        return {key: getattr(self, key) for key in FAMILY_ENV_KEYS[self.family]}
 
     def meta(self) -> dict[str, Any]:
         """The non-tensor facts a trainer needs next to the tensors (goes to DataProto ``meta_info``)."""
@@ -100,6 +174,7 @@ class RolloutBatch:
             "weight_version": self.weight_version,
             "timing": dict(self.timings),
             "sampling": self.sampling.to_dict(),
+            "family": self.family,
         }
 
     @classmethod
@@ -110,8 +185,12 @@ class RolloutBatch:
         sampling: DiffusionSamplingConfig | dict[str, Any],
         weight_version: int = 0,
         timings: dict[str, float] | None = None,
+        family: str | None = None,
     ) -> RolloutBatch:
-        """Rebuild a batch from :meth:`to_dict` output (e.g. a DataProto's tensors and ``meta_info``)."""
+        """Rebuild a batch from :meth:`to_dict` output (e.g. a DataProto's tensors and ``meta_info``).
+
+        ``family`` comes from ``meta_info["family"]``; without it the family is inferred from the tensors.
+        """
         missing = [key for key in CONTRACT_KEYS if key not in tensors]
         if missing:
             raise KeyError(f"rollout batch is missing contract keys {missing}")
@@ -120,13 +199,13 @@ class RolloutBatch:
         known = set(CONTRACT_KEYS) | set(ENV_KEYS)
         return cls(
             **{key: tensors[key] for key in CONTRACT_KEYS},
-            negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
-            negative_prompt_embeds_mask=tensors.get("negative_prompt_embeds_mask"),
+            **{key: tensors.get(key) for key in ENV_KEYS if key not in CONTRACT_KEYS},
             debug={k: v for k, v in tensors.items() if k not in known},
             prompts=list(prompts),
             sampling=sampling,
             weight_version=weight_version,
             timings=dict(timings or {}),
+            family=family,
         )
 
     @staticmethod
@@ -141,16 +220,13 @@ class RolloutBatch:
         first = batches[0]
         if any(b.sampling != first.sampling for b in batches[1:]):
             raise ValueError("cannot concat rollout batches sampled with different configs")
+        families = sorted({b.family for b in batches})
+        if len(families) > 1:
+            raise ValueError(f"cannot concat rollout batches of different model families {families}")
         if any((b.negative_prompt_embeds is None) != (first.negative_prompt_embeds is None) for b in batches):
             raise ValueError("cannot concat batches with and without negative prompt embeddings")
         dicts = [b.to_dict() for b in batches]
-        tensors = {}
-        for key in dicts[0]:
-            parts = [d[key] for d in dicts]
-            if key in ENV_KEYS:
-                length = max(p.shape[1] for p in parts)
-                parts = [torch.nn.functional.pad(p, (0, 0, 0, length - p.shape[1]) if p.ndim == 3 else (0, length - p.shape[1])) for p in parts]
-            tensors[key] = torch.cat(parts)
+        tensors = {key: cat_padded(key, [d[key] for d in dicts]) for key in dicts[0]}
         timings = {k: sum(b.timings.get(k, 0.0) for b in batches) for k in first.timings}
         return RolloutBatch.from_dict(
             tensors,
@@ -158,6 +234,7 @@ class RolloutBatch:
             first.sampling,
             weight_version=min(b.weight_version for b in batches),
             timings=timings,
+            family=first.family,
         )
 
     def select(self, index: Sequence[int] | torch.Tensor) -> RolloutBatch:
@@ -170,4 +247,5 @@ class RolloutBatch:
             self.sampling,
             weight_version=self.weight_version,
             timings=self.timings,
+            family=self.family,
         )

@@ -81,6 +81,7 @@ def from_data_proto(data: DataProto) -> RolloutBatch:
         sampling=meta["sampling"],
         weight_version=meta.get("weight_version", 0),
         timings=meta.get("timing"),
+        family=meta.get("family"),
     )
 
 

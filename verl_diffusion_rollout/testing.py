@@ -1,9 +1,11 @@
-"""Build a tiny, randomly initialised Qwen-Image as a normal diffusers folder, offline.
+"""Build tiny, randomly initialised models (Qwen-Image, SD3.5, CLIP) as normal diffusers / transformers folders,
+offline.
 
-Tests, examples and CI use it in place of the real 20B checkpoint: the folder has the same layout and classes as
-``Qwen/Qwen-Image`` (transformer, VAE, Qwen2.5-VL text encoder, Qwen2 tokenizer, flow-matching scheduler) and is
-loaded by exactly the code that loads a real checkpoint. Nothing is downloaded: the tokenizer is a byte-level
-BPE built here from an in-memory vocabulary.
+Tests, examples and CI use them in place of the real checkpoints: each folder has the same layout and classes as
+the real one (``Qwen/Qwen-Image``: transformer, VAE, Qwen2.5-VL text encoder, Qwen2 tokenizer, flow-matching
+scheduler; ``stabilityai/stable-diffusion-3.5-medium``: MMDiT-X transformer, VAE, CLIP-L, CLIP-G and T5 encoders
+with their tokenizers, flow-matching scheduler) and is loaded by exactly the code that loads a real checkpoint.
+Nothing is downloaded: tokenizers are built here from in-memory vocabularies.
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ __all__ = [
     "make_tiny_qwenimage",
     "tiny_qwenimage_path",
     "build_tiny_tokenizer",
+    "make_tiny_sd3",
+    "tiny_sd3_path",
+    "build_tiny_clip_tokenizer",
+    "build_tiny_t5_tokenizer",
     "make_tiny_clip",
     "TINY_QWENIMAGE_DIMS",
+    "TINY_SD3_DIMS",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
+    "SD3_SCHEDULER_CONFIG",
 ]
 
 # Qwen-Image's flow-matching scheduler settings (dynamic shift, exponential time shift, terminal sigma).
@@ -58,6 +66,47 @@ TINY_QWENIMAGE_DIMS = {
         latents_std=[1.0] * 4,
     ),
     "text_hidden_size": 32,
+}
+
+# SD3 / SD3.5's flow-matching scheduler settings (the published scheduler_config.json: static shift 3).
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+
+# SD3.5-Medium's geometry at toy width: an MMDiT-X transformer (dual attention in its first block, RMS QK-norm,
+# the last block text-pre-only), a 3-level VAE (factor 4), two CLIP text encoders whose hidden states concatenate
+# to T5's width (= the transformer's joint_attention_dim) and whose projections concatenate to the pooled width.
+TINY_SD3_DIMS = {
+    "transformer": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    ),
+    "clip": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, projection_dim=16),
+    "t5": dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8),
 }
 
 # The system prompt QwenImagePipeline wraps every prompt in. The pipeline drops the first
@@ -187,11 +236,91 @@ def tiny_qwenimage_path(cache_dir: str | os.PathLike | None = None) -> str:
 
     The cache is ``$VDR_CACHE`` or ``~/.cache/verl_diffusion_rollout``; the model lands in ``tiny-qwenimage/``.
     """
+    return _cached_model("tiny-qwenimage", make_tiny_qwenimage, cache_dir)
+
+
+def build_tiny_clip_tokenizer(model_max_length: int | None = None):
+    """A character-level ``CLIPTokenizer`` (every printable ASCII character, alone and word-final, no merges)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for code in range(33, 127):
+        for token in (chr(code), chr(code) + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    kwargs = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return CLIPTokenizer(vocab=vocab, merges=[], **kwargs)
+
+
+def build_tiny_t5_tokenizer():
+    """A ``T5Tokenizer`` (Unigram, as T5's SentencePiece model) over a few whole words and single characters,
+    built in memory: any text tokenizes (unknown characters map to ``<unk>``) and ends with ``</s>``."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, -1.0) for w in _EXTRA_WORDS.split()]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
+    pieces += [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Build a tiny random SD3.5 and save it with ``save_pretrained`` as a diffusers folder.
+
+    Same classes as ``stabilityai/stable-diffusion-3.5-medium`` (``SD3Transformer2DModel`` with dual attention and
+    QK-norm, ``AutoencoderKL``, ``CLIPTextModelWithProjection`` x2, ``T5EncoderModel``, CLIP and T5 tokenizers,
+    ``FlowMatchEulerDiscreteScheduler`` with shift 3), dimensions in :data:`TINY_SD3_DIMS`.
+
+    Args:
+        out_dir: folder to write (created; an existing model there is overwritten).
+        seed: seed of the random weights.
+
+    Returns:
+        ``out_dir`` as a string, loadable with ``StableDiffusion3Pipeline.from_pretrained``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    dims = TINY_SD3_DIMS
+    clip_tokenizer = build_tiny_clip_tokenizer(model_max_length=77)
+    t5_tokenizer = build_tiny_t5_tokenizer()
+    clip_config = CLIPTextConfig(
+        **dims["clip"], vocab_size=len(clip_tokenizer), max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    t5_config = T5Config(
+        **dims["t5"], vocab_size=((len(t5_tokenizer) + 63) // 64) * 64, feed_forward_proj="gated-gelu",
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**dims["transformer"])
+    vae = AutoencoderKL(**dims["vae"])
+    text_encoder = CLIPTextModelWithProjection(clip_config).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config).eval()
+    text_encoder_3 = T5EncoderModel(t5_config).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_clip_tokenizer(model_max_length=77),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    return str(out)
+
+
+def _cached_model(name: str, build, cache_dir: str | os.PathLike | None) -> str:
+    """``<cache>/<name>``, built with ``build(path)`` on first use (atomically: a half-built folder is never used)."""
     root = Path(cache_dir or os.environ.get("VDR_CACHE") or Path.home() / ".cache" / "verl_diffusion_rollout")
-    path = root / "tiny-qwenimage"
+    path = root / name
     if not (path / "model_index.json").is_file():
-        tmp = root / f"tiny-qwenimage.tmp-{os.getpid()}"
-        make_tiny_qwenimage(tmp)
+        tmp = root / f"{name}.tmp-{os.getpid()}"
+        build(tmp)
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race; its copy is just as good
@@ -200,30 +329,35 @@ def tiny_qwenimage_path(cache_dir: str | os.PathLike | None = None) -> str:
     return str(path)
 
 
+def tiny_sd3_path(cache_dir: str | os.PathLike | None = None) -> str:
+    """Path of a tiny SD3.5 in a cache folder, built on first use.
+
+    The cache is ``$VDR_CACHE`` or ``~/.cache/verl_diffusion_rollout``; the model lands in ``tiny-sd3/``.
+    """
+    return _cached_model("tiny-sd3", make_tiny_sd3, cache_dir)
+
+
 def make_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     """A tiny random CLIP model and processor saved as a normal transformers folder (for reward tests).
 
     Same classes as PickScore's and the aesthetic predictor's CLIP backbones, loaded by the same code.
     """
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     try:
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:  # older transformers
         from transformers import CLIPImageProcessor as ImageProcessor
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for code in range(33, 127):
-        for token in (chr(code), chr(code) + "</w>"):
-            vocab.setdefault(token, len(vocab))
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = build_tiny_clip_tokenizer()
+    vocab_size = len(tokenizer)
     processor = CLIPProcessor(
         image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
     )
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1,
                      "pad_token_id": 1},
         vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,

@@ -24,7 +24,6 @@ from ..lora_sync import (
     to_lora_config,
 )
 from ..pipelines import get_pipeline_class, pipeline_class_name
-from ..pipelines.qwenimage_attention import use_joint_attn_processor
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from .base import DiffusionEngine, ReadWriteLock, expand_group_request
 
@@ -71,9 +70,10 @@ class DiffusersEngine(DiffusionEngine):
         lora: the LoRA expected from the trainer when ``update_weights`` gets no ``peft_config``.
         progress_bar: show the per-step progress bar while sampling.
         compile: ``torch.compile`` each transformer block (regional compilation, GPU).
-        attention_backend: attention kernels on CUDA (see ``pipelines.qwenimage.attention_backend``).
-        fast_attention: swap in :class:`~verl_diffusion_rollout.pipelines.qwenimage_attention.QwenJointAttnProcessor`
-            (same function, real-valued RoPE that ``torch.compile`` fuses).
+        attention_backend: attention kernels on CUDA (see ``pipelines.loop.attention_backend``).
+        fast_attention: let the model family swap in its faster attention processor, if it has one
+            (:meth:`~verl_diffusion_rollout.pipelines.loop.DenoisingFamily.use_fast_attention`; Qwen-Image's computes
+            the same function with real-valued RoPE that ``torch.compile`` fuses; SD3 keeps diffusers' processors).
     """
 
     def __init__(
@@ -98,9 +98,10 @@ class DiffusersEngine(DiffusionEngine):
         pipe.set_progress_bar_config(disable=not progress_bar)
         pipe.attention_backend = attention_backend
         self.pipe = pipe.to(self.device)
-        for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
-            module.eval().requires_grad_(False)
-        self.attn_processor = use_joint_attn_processor(pipe.transformer) if fast_attention else None
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+        self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention else None
         if compile:
             for block in pipe.transformer.transformer_blocks:
                 block.compile()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import DiffusionSamplingConfig, LoRASyncConfig
-from ..contract import RolloutBatch
+from ..contract import RolloutBatch, cat_padded
 from ..lora_sync import (
     VLLMOmniLoRAPatch,
     WeightUpdateError,
@@ -42,7 +42,6 @@ __all__ = ["VLLMOmniEngine", "rollout_batch_from_omni_outputs", "omni_request_ex
 PIPELINE_CLASS = "verl_diffusion_rollout.engines.vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline"
 WORKER_EXTENSION = "verl_diffusion_rollout.engines.vllm_omni_pipeline.LoRAPatchWorkerExtension"
 EXTRA_ARGS_KEY = "vdr"  # the same key as vllm_omni_pipeline.EXTRA_ARGS_KEY (that module needs vllm-omni)
-_ENV_KEYS = ("prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask")
 
 
 def omni_request_extra_args(sampling: DiffusionSamplingConfig, seeds: Sequence[int], window_seed: int) -> dict:
@@ -98,7 +97,7 @@ def rollout_batch_from_omni_outputs(
         prompt = getattr(output, "prompt", None)
         text = prompt if isinstance(prompt, str) else (prompt or {}).get("prompt", "") if isinstance(prompt, dict) else ""
         out_prompts.extend([text] * count)
-    tensors = {key: _cat_padded(key, values) for key, values in parts.items()}
+    tensors = {key: cat_padded(key, values) for key, values in parts.items()}  # text inputs right-padded
     batch_prompts = list(prompts) if prompts is not None else out_prompts
     if len(batch_prompts) != len(images):
         raise ValueError(f"{len(batch_prompts)} prompts for {len(images)} samples")
@@ -120,15 +119,6 @@ def rollout_batch_from_omni_outputs(
         sampling=sampling,
         weight_version=weight_version,
     )
-
-
-def _cat_padded(key: str, values: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-request tensors; prompt embeddings are right-padded to the longest (mask 0)."""
-    if key in _ENV_KEYS and len({v.shape[1] for v in values}) > 1:
-        length = max(v.shape[1] for v in values)
-        pad = [(0, 0, 0, length - v.shape[1]) if v.ndim == 3 else (0, length - v.shape[1]) for v in values]
-        values = [torch.nn.functional.pad(v, p) for v, p in zip(values, pad)]
-    return torch.cat(values)
 
 
 class VLLMOmniEngine(DiffusionEngine):

@@ -2,7 +2,10 @@
 
 ``QwenImageLogProbPipeline`` is a ``QwenImagePipeline`` (same components, same ``from_pretrained``) whose
 ``__call__`` returns a :class:`~verl_diffusion_rollout.contract.RolloutBatch`: images, the latent trajectory,
-per-step log-probs and the denoising environment a trainer needs to replay every step.
+per-step log-probs and the denoising environment a trainer needs to replay every step. The loop itself is the
+shared :func:`~verl_diffusion_rollout.pipelines.loop.denoise_loop`; this module supplies what is Qwen-Image's own:
+text encoding (Qwen2.5-VL), packed 2x2 latents, the sigma schedule with dynamic shift, true CFG with norm rescale
+and the ``t / 1000`` timestep convention (:class:`QwenImageFamily`), and the decode.
 
 :func:`predict_velocity` is the one place the transformer is called, by the rollout and by the trainer's replay
 (:mod:`verl_diffusion_rollout.trainer.replay`), so both see the same velocity for the same inputs.
@@ -10,11 +13,12 @@ per-step log-probs and the denoising environment a trainer needs to replay every
 
 from __future__ import annotations
 
-import contextlib
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,62 +26,39 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from ..config import DiffusionSamplingConfig
-from ..contract import RolloutBatch
-from ..errors import GenerationCancelled
+from ..contract import RolloutBatch, pad_tokens, stack_padded
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
+from .loop import (
+    ATTENTION_BACKENDS,
+    DenoisingFamily,
+    Trajectory,
+    attention_backend,
+    denoise_loop,
+    per_sample_generators,
+    rollout_batch,
+)
 
 __all__ = [
     "QwenImageLogProbPipeline",
+    "QwenImageFamily",
+    "QwenImageConditioning",
+    "QWEN_IMAGE",
     "TextConditioning",
     "Trajectory",
     "predict_velocity",
     "img_shapes_for",
     "attention_backend",
     "decode_packed_latents",
+    "qwenimage_initial_latents",
+    "qwenimage_scheduler",
     "ATTENTION_BACKENDS",
 ]
-
-ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
-
-
-@contextlib.contextmanager
-def attention_backend(name: str | None, device: torch.device) -> Iterator[None]:
-    """Which scaled-dot-product-attention kernels the transformer may use, in priority order.
-
-    ``"default"`` (or ``None``) leaves PyTorch's choice. ``"auto"`` prefers cuDNN, then FlashAttention, then the
-    memory-efficient and math kernels: with batched CFG the joint attention carries a key-padding mask, which rules
-    out FlashAttention, and PyTorch then picks the memory-efficient kernel, which runs it at 126 TFLOP/s on an
-    H100 where cuDNN reaches 350 (537 vs 334 for FlashAttention without a mask; ``benchmarks/sdpa_probe.py``).
-    A backend name puts that kernel first. Only CUDA devices are affected; elsewhere PyTorch's choice stands.
-    """
-    if name not in (None, *ATTENTION_BACKENDS):
-        raise ValueError(f"attention backend must be one of {list(ATTENTION_BACKENDS)}, got {name!r}")
-    if name in (None, "default") or device.type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    first = "cudnn" if name == "auto" else name
-    with sdpa_kernel([order[first], *(b for k, b in order.items() if k != first)], set_priority=True):
-        yield
 
 
 def _transformer_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """diffusers passes no mask when every token is real (and the attention can take its fastest kernel)."""
     return None if bool(mask.all()) else mask
-
-
-def _pad_to(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad ``[B, S, E]`` embeddings with zeros and ``[B, S]`` masks with 0 up to ``length`` tokens."""
-    pad = length - embeds.shape[1]
-    if pad == 0:
-        return embeds, mask
-    embeds = torch.cat([embeds, embeds.new_zeros(embeds.shape[0], pad, embeds.shape[2])], dim=1)
-    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=1)
-    return embeds, mask
 
 
 @dataclass
@@ -116,10 +97,9 @@ class TextConditioning:
         uncond = negative_prompt_embeds.to(dtype)
         if batch_cfg:
             length = max(cond.shape[1], uncond.shape[1])
-            cond, cond_mask = _pad_to(cond, prompt_embeds_mask, length)
-            uncond, uncond_mask = _pad_to(uncond, negative_prompt_embeds_mask, length)
-            joint_mask = torch.cat([cond_mask, uncond_mask])
-            return cls(torch.cat([cond, uncond]), _transformer_mask(joint_mask), None, None, guidance_scale, True)
+            joint = torch.cat([pad_tokens(cond, length), pad_tokens(uncond, length)])
+            joint_mask = torch.cat([pad_tokens(prompt_embeds_mask, length), pad_tokens(negative_prompt_embeds_mask, length)])
+            return cls(joint, _transformer_mask(joint_mask), None, None, guidance_scale, True)
         return cls(
             cond,
             _transformer_mask(prompt_embeds_mask),
@@ -203,67 +183,105 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.cpu()
+def patch_factor(height: int, width: int, num_tokens: int) -> int:
+    """Pixels per latent token side (VAE factor x 2x2 packing), recovered from the image size and token count."""
+    factor = math.isqrt(height * width // num_tokens)
+    if factor * factor * num_tokens != height * width:
+        raise ValueError(f"{num_tokens} latent tokens do not tile a {height}x{width} image")
+    return factor
 
 
 @dataclass
-class Trajectory:
-    """What the denoising loop produced (CPU tensors).
+class QwenImageConditioning:
+    """The Qwen-Image transformer's inputs besides latents and timestep: text and RoPE image shapes."""
 
-    Attributes:
-        latents: ``[B, T+1, L, D]`` float32, x_T .. x_0.
-        log_probs: ``[B, T]`` float32 (0 at deterministic steps).
-        sde_mask: ``[B, T]`` bool.
-        timesteps: ``[T]`` and sigmas ``[T+1]`` float32, the request's schedule.
-        debug: ``prev_sample_mean`` / ``variance_noise`` / ``model_output`` ``[B, T, L, D]`` and ``noise_std``
-            ``[B, T]`` when ``return_debug``, else empty.
-        seconds: wall time of the loop.
-        final: ``[B, L, D]`` float32 x_0 still on the pipeline's device (what the VAE decodes).
+    text: TextConditioning
+    img_shapes: list
+
+
+class QwenImageFamily(DenoisingFamily):
+    """Qwen-Image: true CFG with norm rescale, the transformer takes ``t / 1000``, packed ``[B, L, D]`` latents."""
+
+    name = "qwenimage"
+
+    def condition(
+        self,
+        env: Mapping[str, torch.Tensor | None],
+        *,
+        guidance_scale: float,
+        batch_cfg: bool,
+        dtype: torch.dtype,
+        height: int,
+        width: int,
+        latent_shape: Sequence[int],
+    ) -> QwenImageConditioning:
+        if len(latent_shape) != 3:
+            raise ValueError(f"Qwen-Image latents are packed [B, L, D], got shape {tuple(latent_shape)}")
+        text = TextConditioning.build(
+            env["prompt_embeds"],
+            env["prompt_embeds_mask"],
+            env.get("negative_prompt_embeds"),
+            env.get("negative_prompt_embeds_mask"),
+            guidance_scale=guidance_scale,
+            batch_cfg=batch_cfg,
+            dtype=dtype,
+        )
+        factor = patch_factor(height, width, latent_shape[1])
+        return QwenImageConditioning(text, img_shapes_for(latent_shape[0], height, width, factor // 2))
+
+    def velocity(
+        self, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: QwenImageConditioning
+    ) -> torch.Tensor:
+        return predict_velocity(transformer, latents, timesteps, cond.text, cond.img_shapes)
+
+    def use_fast_attention(self, transformer: torch.nn.Module) -> Any:
+        from .qwenimage_attention import use_joint_attn_processor
+
+        return use_joint_attn_processor(transformer)
+
+
+QWEN_IMAGE = QwenImageFamily()
+
+
+def qwenimage_initial_latents(
+    generators: Sequence[torch.Generator], in_channels: int, height: int, width: int, vae_scale_factor: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``[B, L, D]`` float32 packed initial noise; row ``b`` drawn at full ``[1, C, h, w]`` shape from
+    ``generators[b]``, then packed into 2x2 patches as ``QwenImagePipeline._pack_latents`` does."""
+    channels = in_channels // 4
+    h = 2 * (height // (vae_scale_factor * 2))
+    w = 2 * (width // (vae_scale_factor * 2))
+    noise = randn_per_sample((len(generators), 1, channels, h, w), generators, device=device)
+    return QwenImagePipeline._pack_latents(noise, len(generators), channels, h, w)
+
+
+def qwenimage_scheduler(
+    template: Any, num_steps: int, *, image_seq_len: int, device: torch.device
+) -> FlowMatchSDEDiscreteScheduler:
+    """A scheduler for one request: Qwen-Image's sigmas ``linspace(1, 1/N, N)`` with dynamic shift ``mu``.
+
+    ``template`` is any flow-matching scheduler with Qwen-Image's config (diffusers' or vllm-omni's); it is not
+    modified.
     """
-
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    sde_mask: torch.Tensor
-    timesteps: torch.Tensor
-    sigmas: torch.Tensor
-    debug: dict[str, torch.Tensor]
-    seconds: float
-    final: torch.Tensor | None = None
-
-
-class _TrajectoryRecorder:
-    """Collects x_T .. x_0 (and debug tensors) on the host.
-
-    On a GPU every step's latent is copied into pinned host memory with a non-blocking copy right after it is
-    computed, so the copy overlaps the next transformer forward instead of stalling at the end.
-    """
-
-    DEBUG_KEYS = ("prev_sample_mean", "noise_std", "variance_noise", "model_output")
-
-    def __init__(self, x0: torch.Tensor, num_steps: int, debug: bool):
-        self.async_copy = x0.device.type == "cuda"
-        shape = (x0.shape[0], num_steps + 1, *x0.shape[1:])
-        self.host = torch.empty(shape, dtype=torch.float32, pin_memory=self.async_copy)
-        self.host[:, 0].copy_(x0, non_blocking=self.async_copy)
-        self._debug: dict[str, list[torch.Tensor]] | None = {k: [] for k in self.DEBUG_KEYS} if debug else None
-
-    def record(self, i: int, x: torch.Tensor, out, velocity: torch.Tensor) -> None:
-        self.host[:, i + 1].copy_(x, non_blocking=self.async_copy)
-        if self._debug is not None:
-            self._debug["prev_sample_mean"].append(out.prev_sample_mean.float().cpu())
-            self._debug["noise_std"].append(out.std_dev.cpu())
-            noise = out.noise if out.noise is not None else torch.zeros_like(x)
-            self._debug["variance_noise"].append(noise.cpu())
-            self._debug["model_output"].append(velocity.float().cpu())
-
-    def latents(self) -> torch.Tensor:
-        if self.async_copy:
-            torch.cuda.current_stream().synchronize()
-        return self.host
-
-    def debug(self) -> dict[str, torch.Tensor]:
-        return {} if self._debug is None else {k: torch.stack(v, dim=1) for k, v in self._debug.items()}
+    if not isinstance(template, FlowMatchSDEDiscreteScheduler):
+        template = FlowMatchSDEDiscreteScheduler.from_config(template.config)
+    config = template.config
+    mu = calculate_shift(
+        image_seq_len,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    scheduler = template.for_request(num_steps, sigmas=sigmas, mu=mu, device=device)
+    if not bool(torch.isfinite(scheduler._host_sigmas).all()):
+        raise ValueError(
+            f"num_steps={num_steps} gives a non-finite sigma schedule with this scheduler "
+            f"(shift_terminal={config.get('shift_terminal')}); use more steps"
+        )
+    return scheduler
 
 
 class QwenImageLogProbPipeline(QwenImagePipeline):
@@ -275,6 +293,8 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
     (Qwen2.5-VL caches ``rope_deltas`` on itself) and the VAE (it keeps a causal-conv feature cache) hold state
     between calls, so those two stages run one request at a time; the denoising loop runs concurrently.
     """
+
+    family = QWEN_IMAGE
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(
@@ -332,28 +352,15 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         images = self.decode_latents(trajectory.final, sampling.height, sampling.width)
         decode_s = time.perf_counter() - decode_start
 
-        batch = len(prompts)
-        return RolloutBatch(
-            responses=images.cpu(),
-            all_latents=trajectory.latents,
-            all_timesteps=trajectory.timesteps.expand(batch, -1).contiguous(),
-            all_sigmas=trajectory.sigmas.expand(batch, -1).contiguous(),
-            rollout_log_probs=trajectory.log_probs,
-            sde_mask=trajectory.sde_mask,
-            prompt_embeds=env["prompt_embeds"].cpu(),
-            prompt_embeds_mask=env["prompt_embeds_mask"].cpu(),
-            negative_prompt_embeds=_cpu(env["negative_prompt_embeds"]),
-            negative_prompt_embeds_mask=_cpu(env["negative_prompt_embeds_mask"]),
-            seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
-            prompts=prompts,
-            sampling=sampling,
-            debug=trajectory.debug,
-            timings={
-                "encode_s": encode_s,
-                "denoise_s": trajectory.seconds,
-                "decode_s": decode_s,
-                "total_s": time.perf_counter() - start,
-            },
+        timings = {
+            "encode_s": encode_s,
+            "denoise_s": trajectory.seconds,
+            "decode_s": decode_s,
+            "total_s": time.perf_counter() - start,
+        }
+        return rollout_batch(
+            trajectory, images, env, family=self.family.name, seeds=seeds, prompts=prompts, sampling=sampling,
+            timings=timings,
         )
 
     @torch.no_grad()
@@ -367,78 +374,37 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         latents: torch.Tensor | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> Trajectory:
-        """Stages 3-6: initial noise, timesteps, SDE window and the denoising loop, from encoded prompts.
+        """Stages 3-6: initial noise, timesteps, SDE window and the shared denoising loop, from encoded prompts.
 
         Args:
             env: prompt embeddings and masks as :meth:`encode_denoising_env` returns them (on the device).
             seeds, sampling, window_seed, latents, cancel: as in :meth:`__call__`.
 
         Returns:
-            A :class:`Trajectory` with CPU tensors.
+            A :class:`Trajectory` with CPU tensors (``final`` on the device).
         """
         device = self._execution_device
-        batch = len(seeds)
-        text = TextConditioning.build(
-            **env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=self.transformer.dtype
-        )
-
-        # 3. Prepare latents, from per-sample generators
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        generators = per_sample_generators(seeds)
         if latents is None:
             latents = self.prepare_rollout_latents(generators, sampling.height, sampling.width, device)
         x = latents.to(device=device, dtype=torch.float32)
-        img_shapes = img_shapes_for(batch, sampling.height, sampling.width, self.vae_scale_factor)
-
-        # 4. Prepare timesteps (a scheduler of this request's own)
-        scheduler = self.request_scheduler(sampling.num_steps, image_seq_len=x.shape[1], device=device)
-        num_steps = len(scheduler.timesteps)
-
-        # 5. Pick the stochastic steps
-        stochastic = set(sampling.stochastic_steps(int(seeds[0]) if window_seed is None else window_seed))
-        no_const = sampling.resolved_log_prob_no_const()
-
-        # 6. Denoising loop; the trajectory streams to host memory while the next step computes
-        recorder = _TrajectoryRecorder(x, num_steps, sampling.return_debug)
-        log_probs = torch.zeros(batch, num_steps, dtype=torch.float32, device=device)
-        loop_start = time.perf_counter()
-        with self.progress_bar(total=num_steps) as progress_bar, attention_backend(self.attention_backend, device):
-            for i, t in enumerate(scheduler.timesteps):
-                if cancel is not None and cancel():
-                    raise GenerationCancelled(f"generation cancelled before step {i} of {num_steps}")
-                grad = self.stochastic_steps_with_grad and i in stochastic
-                with torch.enable_grad() if grad else contextlib.nullcontext():
-                    velocity = predict_velocity(self.transformer, x, t.expand(batch), text, img_shapes)
-                velocity = velocity.detach()
-                if i in stochastic:
-                    noise = randn_per_sample(x.shape, generators, device=device)
-                    out = scheduler.step(
-                        velocity,
-                        t,
-                        x,
-                        sde_type=sampling.sde_type,
-                        noise_level=sampling.noise_level,
-                        noise=noise,
-                        log_prob_no_const=no_const,
-                    )
-                    log_probs[:, i] = out.log_prob
-                else:
-                    out = scheduler.step(velocity, t, x)
-                x = out.prev_sample.float()
-                recorder.record(i, x, out, velocity)
-                progress_bar.update()
-        log_probs = log_probs.cpu()  # waits for the loop to finish
-        sde_mask = torch.zeros(batch, num_steps, dtype=torch.bool)
-        sde_mask[:, sorted(stochastic)] = True
-        return Trajectory(
-            latents=recorder.latents(),
-            log_probs=log_probs,
-            sde_mask=sde_mask,
-            timesteps=scheduler.timesteps.float().cpu(),
-            sigmas=scheduler.sigmas.float().cpu(),
-            debug=recorder.debug(),
-            seconds=time.perf_counter() - loop_start,
-            final=x,
+        cond = self.family.condition(
+            env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=self.transformer.dtype,
+            height=sampling.height, width=sampling.width, latent_shape=x.shape,
         )
+        scheduler = self.request_scheduler(sampling.num_steps, image_seq_len=x.shape[1], device=device)
+        with attention_backend(self.attention_backend, device):
+            return denoise_loop(
+                lambda xt, t: self.family.velocity(self.transformer, xt, t, cond),
+                x,
+                scheduler,
+                generators,
+                sampling,
+                window_seed=int(seeds[0]) if window_seed is None else int(window_seed),
+                cancel=cancel,
+                stochastic_steps_with_grad=self.stochastic_steps_with_grad,
+                progress_bar=self.progress_bar,
+            )
 
     # -- stages -------------------------------------------------------------------------------------------------
 
@@ -492,7 +458,7 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             if sampling.guidance_scale > 1:
                 neg, _ = self._get_qwen_prompt_embeds([sampling.negative_prompt], device=device)
                 neg = neg[0, : sampling.max_sequence_length].to(dtype)
-        prompt_embeds, prompt_mask = self._stack_padded([cache[p] for p in prompts])
+        prompt_embeds, prompt_mask = stack_padded([cache[p] for p in prompts])
         env = {
             "prompt_embeds": prompt_embeds,
             "prompt_embeds_mask": prompt_mask,
@@ -500,52 +466,22 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             "negative_prompt_embeds_mask": None,
         }
         if sampling.guidance_scale > 1:
-            env["negative_prompt_embeds"], env["negative_prompt_embeds_mask"] = self._stack_padded([neg] * len(prompts))
+            env["negative_prompt_embeds"], env["negative_prompt_embeds_mask"] = stack_padded([neg] * len(prompts))
         return env
-
-    @staticmethod
-    def _stack_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = max(r.shape[0] for r in rows)
-        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
-        mask = torch.zeros(len(rows), length, dtype=torch.long, device=rows[0].device)
-        for b, r in enumerate(rows):
-            embeds[b, : r.shape[0]] = r
-            mask[b, : r.shape[0]] = 1
-        return embeds, mask
 
     def prepare_rollout_latents(
         self, generators: Sequence[torch.Generator], height: int, width: int, device: torch.device
     ) -> torch.Tensor:
         """``[B, L, D]`` float32 packed initial noise; row ``b`` drawn at full shape from ``generators[b]``."""
-        channels = self.transformer.config.in_channels // 4
-        h = 2 * (height // (self.vae_scale_factor * 2))
-        w = 2 * (width // (self.vae_scale_factor * 2))
-        noise = randn_per_sample((len(generators), 1, channels, h, w), generators, device=device)
-        return self._pack_latents(noise, len(generators), channels, h, w)
+        return qwenimage_initial_latents(
+            generators, self.transformer.config.in_channels, height, width, self.vae_scale_factor, device
+        )
 
     def request_scheduler(
         self, num_steps: int, *, image_seq_len: int, device: torch.device
     ) -> FlowMatchSDEDiscreteScheduler:
-        """A scheduler for one request: Qwen-Image's sigmas ``linspace(1, 1/N, N)`` with dynamic shift ``mu``."""
-        template = self.scheduler
-        if not isinstance(template, FlowMatchSDEDiscreteScheduler):
-            template = FlowMatchSDEDiscreteScheduler.from_config(template.config)
-        config = template.config
-        mu = calculate_shift(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        scheduler = template.for_request(num_steps, sigmas=sigmas, mu=mu, device=device)
-        if not bool(torch.isfinite(scheduler._host_sigmas).all()):
-            raise ValueError(
-                f"num_steps={num_steps} gives a non-finite sigma schedule with this scheduler "
-                f"(shift_terminal={config.get('shift_terminal')}); use more steps"
-            )
-        return scheduler
+        """A scheduler for one request (see :func:`qwenimage_scheduler`)."""
+        return qwenimage_scheduler(self.scheduler, num_steps, image_seq_len=image_seq_len, device=device)
 
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
@@ -554,12 +490,16 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
 
 
 def decode_packed_latents(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Qwen-Image's decode on any pipeline with its components (``vae``, ``image_processor``, ``_unpack_latents``,
-    ``vae_scale_factor``): ``[B, L, D]`` packed latents to ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
+    """Qwen-Image's decode on any pipeline with its components (``vae``, ``_unpack_latents``, ``vae_scale_factor``;
+    diffusers' pipeline or vllm-omni's, which has no ``image_processor``): ``[B, L, D]`` packed latents to
+    ``[B, 3, H, W]`` float32 images in ``[0, 1]``."""
+    from diffusers.image_processor import VaeImageProcessor
+
     x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
     z_dim = pipe.vae.config.z_dim
     mean = torch.tensor(pipe.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
     inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(x.device, x.dtype)
     x = x / inv_std + mean
     image = pipe.vae.decode(x, return_dict=False)[0][:, :, 0]
-    return pipe.image_processor.postprocess(image, output_type="pt").float()
+    processor = getattr(pipe, "image_processor", None) or VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    return processor.postprocess(image, output_type="pt").float()

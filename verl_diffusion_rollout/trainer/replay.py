@@ -2,19 +2,21 @@
 
 The trainer re-runs the transformer on the recorded denoising environment and trajectory and scores each
 recorded next latent with the same :func:`~verl_diffusion_rollout.sde.sde_step_with_logprob` the rollout
-sampled it with. With the rollout's weights, in float32, the result equals ``rollout_log_probs`` exactly.
+sampled it with. The transformer is conditioned and called by the batch's model family
+(:func:`~verl_diffusion_rollout.pipelines.get_family` of ``batch.family``), the same code the rollout's loop
+used. With the rollout's weights, in float32, the result equals ``rollout_log_probs`` exactly.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
-from ..pipelines.qwenimage import TextConditioning, attention_backend, img_shapes_for, predict_velocity
+from ..pipelines import get_family
+from ..pipelines.loop import attention_backend
 from ..sde import SDEStep, sde_step_with_logprob
 
 __all__ = ["compute_log_probs", "trainable_steps", "StepReplayer"]
@@ -25,19 +27,11 @@ def trainable_steps(batch: RolloutBatch) -> list[int]:
     return torch.nonzero(batch.sde_mask.any(dim=0)).flatten().tolist()
 
 
-def _vae_patch_factor(height: int, width: int, num_tokens: int) -> int:
-    """Pixels per latent token side (VAE factor x 2x2 packing), recovered from the image size and token count."""
-    factor = math.isqrt(height * width // num_tokens)
-    if factor * factor * num_tokens != height * width:
-        raise ValueError(f"{num_tokens} latent tokens do not tile a {height}x{width} image")
-    return factor
-
-
 class StepReplayer:
-    """Replays single steps of one rollout batch; the text conditioning is prepared once per batch.
+    """Replays single steps of one rollout batch; the family's conditioning is prepared once per batch.
 
     Args:
-        batch: the rollout's :class:`RolloutBatch` (tensors may live on the CPU).
+        batch: the rollout's :class:`RolloutBatch` of any model family (tensors may live on the CPU).
         device, dtype: where and in which dtype the transformer runs.
         guidance_scale: CFG scale to replay with; defaults to the rollout's.
         sampling: sampling config to replay with; defaults to ``batch.sampling``.
@@ -60,20 +54,17 @@ class StepReplayer:
         self.device = device
         scale = self.sampling.guidance_scale if guidance_scale is None else float(guidance_scale)
 
-        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        self.text = TextConditioning.build(
-            on_device(batch.prompt_embeds),
-            on_device(batch.prompt_embeds_mask),
-            on_device(batch.negative_prompt_embeds),
-            on_device(batch.negative_prompt_embeds_mask),
+        self.family = get_family(batch.family)
+        env = {k: None if v is None else v.to(device) for k, v in batch.env().items()}
+        self.cond = self.family.condition(
+            env,
             guidance_scale=scale,
             batch_cfg=self.sampling.batch_cfg,
             dtype=dtype,
+            height=self.sampling.height,
+            width=self.sampling.width,
+            latent_shape=(len(batch), *batch.all_latents.shape[2:]),
         )
-        factor = _vae_patch_factor(self.sampling.height, self.sampling.width, batch.all_latents.shape[2])
-        self.img_shapes = img_shapes_for(len(batch), self.sampling.height, self.sampling.width, factor // 2)
         self.sigmas = batch.all_sigmas.float()
         self.sigma_max = self.sigmas[:, 1] if self.sigmas.shape[1] > 1 else None
 
@@ -85,7 +76,7 @@ class StepReplayer:
         prev = self.batch.all_latents[:, i + 1].to(self.device)
         timesteps = self.batch.all_timesteps[:, i].to(self.device)
         with attention_backend(self.attention, self.device):
-            velocity = predict_velocity(transformer, x, timesteps, self.text, self.img_shapes)
+            velocity = self.family.velocity(transformer, x, timesteps, self.cond)
         sde_type = self.sampling.sde_type if bool(self.batch.sde_mask[:, i].any()) else "ode"
         return sde_step_with_logprob(
             velocity,
@@ -117,8 +108,8 @@ def compute_log_probs(
     """Log-probs of the recorded transitions under ``transformer``.
 
     Args:
-        transformer: the policy's ``QwenImageTransformer2DModel`` (peft-wrapped is fine); gradients flow through
-            it when called with grad enabled.
+        transformer: the policy's transformer of the batch's family (``QwenImageTransformer2DModel``,
+            ``SD3Transformer2DModel``; peft-wrapped is fine); gradients flow through it when called with grad enabled.
         batch: a rollout's :class:`RolloutBatch` (tensors may live on the CPU; they are moved step by step).
         step_indices: steps to score; defaults to :func:`trainable_steps`.
         guidance_scale: CFG scale to replay with; defaults to the rollout's.
