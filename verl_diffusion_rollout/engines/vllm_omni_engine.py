@@ -230,9 +230,7 @@ class VLLMOmniEngine(DiffusionEngine):
             ) from err
         VLLMOmniLoRAPatch.install()
         self.model_path = str(model_path)
-        self.lora_defaults = lora or LoRASyncConfig()
-        self.progress_bar = progress_bar
-        self.omni = Omni(
+        omni = Omni(
             model=self.model_path,
             load_format="custom_pipeline",
             custom_pipeline_args={"pipeline_class": PIPELINE_CLASS},
@@ -241,6 +239,13 @@ class VLLMOmniEngine(DiffusionEngine):
             enforce_eager=not compile,
             **engine_kwargs,
         )
+        self._init_client(omni, seed=seed, lora=lora, progress_bar=progress_bar)
+
+    def _init_client(self, omni: Any, *, seed: int, lora: LoRASyncConfig | None, progress_bar: bool) -> None:
+        """The client-side state around an ``Omni`` instance (locks, version, LoRA request, seed generator)."""
+        self.omni = omni
+        self.lora_defaults = lora or LoRASyncConfig()
+        self.progress_bar = progress_bar
         self._rng = random.Random(seed)
         self._lock = ReadWriteLock()
         self._submit_lock = threading.Lock()
