@@ -205,3 +205,37 @@ def test_sleep_and_wake_keep_generation_identical(fresh_engine):
         outputs(fresh_engine)
     fresh_engine.wake_up()
     assert_same_outputs(before, outputs(fresh_engine))
+
+
+def test_rejected_first_adapter_update_leaves_the_model_unwrapped(tiny_model_path):
+    engine = DiffusersEngine(tiny_model_path, lora=LoRASyncConfig(merge=False))
+    before = outputs(engine)
+    modules = [n for n, _ in engine.transformer.named_modules()]
+    config = peft_config()
+    bad = random_lora(engine.transformer, config, seed=12)
+    victim = sorted(bad)[0]
+    bad[victim][0, 0] = float("nan")
+    with pytest.raises(WeightUpdateError, match="NaN"):
+        engine.update_weights(bad.items(), peft_config=config)
+    assert [n for n, _ in engine.transformer.named_modules()] == modules  # no adapter layers were injected
+    assert engine.weight_version == 0
+    assert_same_outputs(before, outputs(engine))
+    good = random_lora(engine.transformer, config, seed=13)
+    assert engine.update_weights(good.items(), peft_config=config) == 1
+
+
+def test_full_weight_update_that_would_overflow_the_merged_lora_is_refused(fresh_engine):
+    """The re-merge of the current LoRA into new base weights is checked before anything is written."""
+    config = peft_config()
+    lora = {k: (torch.full_like(v, 1e18) if ".transformer_blocks.0.attn.to_q." in k else torch.zeros_like(v))
+            for k, v in random_lora(fresh_engine.transformer, config, 14).items()}
+    fresh_engine.update_weights(lora.items(), peft_config=config)  # merged to_q = W + 2 * 4e36: finite
+    before = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
+    params = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
+    target = "transformer_blocks.0.attn.to_q.weight"
+    params[target] = torch.full_like(params[target], 3.39e38)  # finite, but 3.39e38 + 8e36 overflows float32
+    with pytest.raises(WeightUpdateError, match="overflows"):
+        fresh_engine.update_weights(params.items())
+    assert fresh_engine.weight_version == 1
+    for n, p in fresh_engine.transformer.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -91,7 +91,7 @@ def test_clipped_loss_matches_its_definition():
         (["actor_rollout_ref.actor.mini_batch_size=2"], ValueError, "mini_batch_size=2 must be a multiple of 4"),
         (["trainer.n_gpus_per_node=3"], ValueError, "do not split evenly over"),
         (["actor_rollout_ref.rollout.engine=vllm_omni"], ValueError, "engine=diffusers"),
-        (["data.samples_per_step=0"], ValueError, "data.samples_per_step=0"),
+        (["data.samples_per_step=0"], ValueError, "data.samples_per_step must be an int >= 1, got 0"),
         (["data.prompts=null", "data.train_files=/no/prompts.txt"], FileNotFoundError, "data.train_files"),
     ],
 )
@@ -140,6 +140,21 @@ def test_resume_continues_exactly(tiny_model_path, tmp_path):
     for a, b in zip(full[2:], resumed[2:]):
         for key in ("reward_mean", "reward_std", "policy_loss", "grad_norm"):
             assert a[key] == b[key], key
+
+
+def test_resume_refuses_a_checkpoint_with_missing_lora_tensors(tiny_model_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run(compose_tiny(tiny_model_path, tmp_path / "full", "trainer.total_steps=1", "trainer.save_freq=1"))
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000001"
+    weights = ckpt / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = [k for k in tensors if "lora_B" in k][:4]
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights)
+    with pytest.raises(ValueError, match="4 missing") as err:
+        run(compose_tiny(tiny_model_path, tmp_path / "resumed", "trainer.total_steps=2", f"trainer.resume_from={ckpt}"))
+    assert str(ckpt) in str(err.value)
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # nothing trained from the wrong weights
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ compiled ops) that carries the tiny Qwen-Image; requests, sampling params and ou
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -565,3 +566,134 @@ def test_plain_requests_go_to_vllm_omni_and_mixed_batches_are_refused(omni_pipel
     with pytest.raises(ValueError, match=r"requests \[1\] of this batch carry no extra_args\['vdr'\]"):
         pipe.forward(DiffusionRequestBatch(requests=[ours, plain]))
     assert len(pipe.plain_requests) == 1
+
+# -- one sampling config per submission (issue 10) ------------------------------------------------------------------
+
+
+def test_requests_of_a_submission_share_one_sampling_config():
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines.vllm_omni_engine import EXTRA_ARGS_KEY, check_uniform_requests, omni_requests
+
+    sampling = DiffusionSamplingConfig(height=64, width=64, num_steps=4, sde_type="cps", noise_level=0.8)
+    inputs, params = omni_requests(["a red cat", "a blue dog"], [1, 2, 3, 4], 2, sampling, 9)
+    assert [p.extra_args[EXTRA_ARGS_KEY]["seeds"] for p in params] == [[1, 2], [3, 4]]
+    assert [i["prompt"] for i in inputs] == ["a red cat", "a blue dog"]
+    _, other = omni_requests(["a green bird"], [5, 6], 2, sampling.replace(noise_level=0.3), 9)
+    with pytest.raises(ValueError, match="differ in"):
+        check_uniform_requests(params + other)  # the merge our worker pipeline would sample with one config
+    _, other_window = omni_requests(["a green bird"], [5, 6], 2, sampling, 10)
+    with pytest.raises(ValueError, match="differ in"):
+        check_uniform_requests(params + other_window)
+
+
+class RecordingOmni:
+    """Stand-in for vllm-omni's ``Omni`` (it needs a GPU and vLLM's compiled ops): records every submission and
+    answers it with outputs of the shape our custom pipeline returns (real ``OmniRequestOutput`` objects)."""
+
+    def __init__(self):
+        self.submissions = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.first_entered = threading.Event()
+
+    def generate(self, inputs, params, use_tqdm=False):
+        from vllm_omni.outputs import OmniRequestOutput
+
+        from verl_diffusion_rollout.engines.vllm_omni_engine import EXTRA_ARGS_KEY
+
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            first = not self.submissions
+            self.submissions.append([p.extra_args[EXTRA_ARGS_KEY] for p in params])
+        if first:
+            self.first_entered.set()
+            # Stay inside long enough for a concurrent submission to arrive if nothing kept it out.
+            threading.Event().wait(1.0)
+        outputs = []
+        for r, (inp, p) in enumerate(zip(inputs, params)):
+            spec = p.extra_args[EXTRA_ARGS_KEY]
+            n, T, L = len(spec["seeds"]), spec["sampling"]["num_steps"], (p.height // 16) * (p.width // 16)
+            trajectory = {
+                "latents": torch.zeros(n, T + 1, L, 16), "timesteps": torch.zeros(n, T), "log_probs": torch.zeros(n, T),
+                "sigmas": torch.zeros(n, T + 1), "sde_mask": torch.zeros(n, T, dtype=torch.bool),
+                "seeds": torch.tensor(spec["seeds"]), "prompt_embeds": torch.zeros(n, 3, 8),
+                "prompt_embeds_mask": torch.ones(n, 3, dtype=torch.long),
+            }
+            outputs.append(OmniRequestOutput.from_diffusion(
+                request_id=f"req-{r}", images=[torch.zeros(3, p.height, p.width)] * n, prompt=inp,
+                multimodal_output={"trajectory": trajectory},
+            ))
+        with self.lock:
+            self.in_flight -= 1
+        return outputs
+
+
+def test_concurrent_generations_with_different_configs_are_never_batched_together():
+    import threading
+
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines import VLLMOmniEngine
+
+    omni = RecordingOmni()
+    engine = VLLMOmniEngine.__new__(VLLMOmniEngine)
+    engine._init_client(omni, seed=0, lora=None, progress_bar=False)
+    configs = [DiffusionSamplingConfig(height=32, width=32, num_steps=2, noise_level=level) for level in (0.3, 0.9)]
+    results = {}
+
+    def run(i):
+        results[i] = engine.generate(["a cat", "a dog"], seeds=[1, 2, 3, 4], n=2, sampling=configs[i])
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert omni.first_entered.wait(30)
+    second = threading.Thread(target=run, args=(1,))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert omni.max_in_flight == 1 and len(omni.submissions) == 2
+    for submission in omni.submissions:
+        assert len({json.dumps(spec["sampling"], sort_keys=True) for spec in submission}) == 1
+    assert {s[0]["sampling"]["noise_level"] for s in omni.submissions} == {0.3, 0.9}
+    assert results[0].sampling.noise_level == 0.3 and results[1].sampling.noise_level == 0.9
+
+
+def test_engine_lora_updates_refuse_what_vllm_would_not_apply_exactly():
+    from verl_diffusion_rollout.engines import VLLMOmniEngine
+
+    class AddLoRA:  # stand-in for Omni.add_lora / remove_lora (GPU workers)
+        def __init__(self):
+            self.added = []
+
+        def add_lora(self, request):
+            self.added.append(request)
+            return True
+
+        def remove_lora(self, lora_id):
+            return True
+
+    omni = AddLoRA()
+    engine = VLLMOmniEngine.__new__(VLLMOmniEngine)
+    engine._init_client(omni, seed=0, lora=None, progress_bar=False)
+    tensors = lora_tensors(4)
+    assert engine.update_weights(tensors.items(), peft_config=PEFT) == 1
+    assert omni.added[0].peft_config["lora_alpha"] == 2 * RANK and omni.added[0].peft_config["use_dora"] is False
+    for bad, key in (({"use_dora": True}, "use_dora"), ({"rank_pattern": {"to_q": 8}}, "rank_pattern"),
+                     ({"alpha_pattern": {"to_q": 8}}, "alpha_pattern"), ({"lora_alpha": float("nan")}, "lora_alpha"),
+                     ({"r": 0}, "r")):
+        with pytest.raises(WeightUpdateError, match=key):
+            engine.update_weights(tensors.items(), peft_config={**PEFT, **bad})
+    assert engine.weight_version == 1 and len(omni.added) == 1
+
+
+def test_worker_side_loader_refuses_a_dora_config(vllm_cpu_runtime, patch):
+    from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
+
+    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+
+    manager = DiffusionLoRAManager(make_pipeline(), torch.device("cpu"), torch.float32)
+    request = TensorLoRARequest(lora_name="dora", lora_int_id=5, lora_path="vdr://memory/5",
+                                peft_config={**peft_config_dict(PEFT), "use_dora": True}, lora_tensors=lora_tensors(5))
+    with pytest.raises(WeightUpdateError, match="use_dora"):
+        manager._load_adapter(request)

@@ -20,6 +20,7 @@ from .sde import SDE_TYPES, default_log_prob_no_const
 __all__ = [
     "DiffusionSamplingConfig",
     "LoRASyncConfig",
+    "ServerLimits",
     "DiffusionRolloutConfig",
     "DiffusionModelConfig",
     "QWEN_IMAGE_ATTENTION_MODULES",
@@ -57,6 +58,18 @@ def _plain(value: Any) -> Any:
 
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Upper bounds of the sampling values. FlowGRPO samples SD3/Qwen-Image with noise_level 0.7 (up to ~1.2 in its
+# other recipes), and for cps the std sigma'*sin(eta*pi/2) repeats itself beyond eta = 1; a bound one order of
+# magnitude above keeps every experiment possible while refusing values that only overflow (1e308 -> NaN).
+# Guidance scales in the recipes are 1-10 (Qwen-Image 4, SD3 4.5-7).
+MAX_NOISE_LEVEL = 10.0
+MAX_GUIDANCE_SCALE = 100.0
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -107,6 +120,20 @@ class DiffusionSamplingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
+        for name in ("noise_level", "guidance_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{prefix}{name} must be a number, got {value!r}")
+        # Booleans must be booleans: the string "false" is truthy and would silently mean True.
+        for name in ("return_debug", "batch_cfg"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
+        if self.log_prob_no_const is not None and not isinstance(self.log_prob_no_const, bool):
+            raise ValueError(
+                f"{prefix}log_prob_no_const must be true, false or null, got {self.log_prob_no_const!r}"
+            )
+        if not isinstance(self.sde_type, str):
+            raise ValueError(f"{prefix}sde_type must be one of {list(SDE_TYPES)}, got {self.sde_type!r}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"{prefix}height and {prefix}width must be >= 1, got {self.height}x{self.width}")
         if self.num_steps < 1:
@@ -115,14 +142,25 @@ class DiffusionSamplingConfig:
             raise ValueError(f"{prefix}sde_type must be one of {list(SDE_TYPES)}, got {self.sde_type!r}")
         if not math.isfinite(self.noise_level) or self.noise_level < 0:
             raise ValueError(f"{prefix}noise_level must be finite and >= 0, got {self.noise_level}")
+        if self.noise_level > MAX_NOISE_LEVEL:
+            raise ValueError(
+                f"{prefix}noise_level must be <= {MAX_NOISE_LEVEL} (FlowGRPO samples with 0.7-1.2; cps repeats "
+                f"itself beyond 1), got {self.noise_level}"
+            )
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
             raise ValueError(f"{prefix}guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
+        if self.guidance_scale > MAX_GUIDANCE_SCALE:
+            raise ValueError(
+                f"{prefix}guidance_scale must be <= {MAX_GUIDANCE_SCALE} (recipes use 1-10), got {self.guidance_scale}"
+            )
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"{prefix}max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
         if not isinstance(self.negative_prompt, str):
             raise ValueError(f"{prefix}negative_prompt must be a string, got {self.negative_prompt!r}")
         window = _plain(self.sde_window)
         if window is not None:
+            if not isinstance(window, (list, tuple)) or not all(_is_int(i) for i in window):
+                raise ValueError(f"{prefix}sde_window must be a list of step indices (ints), got {self.sde_window!r}")
             window = sorted({int(i) for i in window})
             if not window or window[0] < 0 or window[-1] >= self.num_steps:
                 raise ValueError(
@@ -134,6 +172,8 @@ class DiffusionSamplingConfig:
             raise ValueError(f"{prefix}sde_window_size must be in 0..{self.num_steps}, got {self.sde_window_size}")
         window_range = _plain(self.sde_window_range)
         if window_range is not None:
+            if not isinstance(window_range, (list, tuple)) or not all(_is_int(i) for i in window_range):
+                raise ValueError(f"{prefix}sde_window_range must be [lo, hi] (ints), got {self.sde_window_range!r}")
             window_range = [int(i) for i in window_range]
             if len(window_range) != 2 or not 0 <= window_range[0] < window_range[1] <= self.num_steps:
                 raise ValueError(
@@ -206,11 +246,73 @@ class LoRASyncConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise ValueError(f"lora.rank must be an int >= 0, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(f"lora.alpha must be a number, got {self.alpha!r}")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        for name in ("use_rslora", "merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"lora.{name} must be true or false, got {getattr(self, name)!r}")
         modules = _plain(self.target_modules)
         if isinstance(modules, str):
             modules = [modules]
         if not modules or not all(isinstance(m, str) and m for m in modules):
             raise ValueError(f"lora.target_modules must be a non-empty list of names, got {self.target_modules!r}")
         _set(self, "target_modules", list(modules))
+
+
+@dataclass
+class ServerLimits:
+    """Bounds of one request to the HTTP rollout server, checked before any work starts (``rollout.server_limits``,
+    or the server's command-line flags named in :attr:`FLAGS`).
+
+    The defaults fit the recipes (512-1328 px, groups of 8-24 samples, 10-50 steps) with room to spare.
+
+    Attributes:
+        max_request_mb: largest body of a generate (or any non-upload) request, enforced while the body streams in.
+        max_update_mb: largest body of ``POST /update_weights`` (a rank-32 Qwen-Image LoRA is 180 MiB in bf16).
+        max_samples: most samples per generate request (``len(prompts) * n``).
+        max_pixels: most pixels per image (``height * width``); 2**21 admits 1328x1328 and 1664x928, Qwen-Image's
+            native sizes.
+        max_prompt_chars: longest prompt or negative prompt, in characters (Qwen-Image keeps at most 1024 tokens).
+        max_steps: most denoising steps per request.
+    """
+
+    _target_: str = ""
+    max_request_mb: float = 8.0
+    max_update_mb: float = 2048.0
+    max_samples: int = 64
+    max_pixels: int = 2**21
+    max_prompt_chars: int = 4096
+    max_steps: int = 100
+
+    FLAGS = {
+        "max_request_mb": "--max-request-mb",
+        "max_update_mb": "--max-update-mb",
+        "max_samples": "--max-samples",
+        "max_pixels": "--max-pixels",
+        "max_prompt_chars": "--max-prompt-chars",
+        "max_steps": "--max-steps",
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_mb", "max_update_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"server_limits.{name} must be a number > 0, got {value!r}")
+        for name in ("max_samples", "max_pixels", "max_prompt_chars", "max_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"server_limits.{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+    @property
+    def update_bytes(self) -> int:
+        return int(self.max_update_mb * 2**20)
+
+    def flag(self, name: str) -> str:
+        """The server's command-line flag (and the config key) that sets limit ``name``."""
+        return f"{self.FLAGS[name]} / rollout.server_limits.{name}"

@@ -10,6 +10,7 @@ N actors, placed by Ray.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,21 +23,48 @@ from .config import DiffusionRolloutConfig, DiffusionSamplingConfig
 from .contract import RolloutBatch
 from .rollout import _as_model_config, build_engine
 
-__all__ = ["DiffusionReplica", "DiffusionServer"]
+__all__ = ["DiffusionReplica", "DiffusionServer", "auth_headers", "resolve_api_key"]
 
 logger = logging.getLogger(__name__)
 
 
+def resolve_api_key(config: DiffusionRolloutConfig) -> str | None:
+    """``rollout.server_api_key``, else the ``VDR_API_KEY`` environment variable, else ``None``."""
+    from .server import API_KEY_ENV
+
+    return config.server_api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """HTTP headers a client of a rollout server sends (empty without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class DiffusionServer:
-    """A diffusion engine and its HTTP rollout server, meant to run as a Ray actor."""
+    """A diffusion engine and its HTTP rollout server, meant to run as a Ray actor.
 
-    def __init__(self, config: DiffusionRolloutConfig, model_path: str, replica_rank: int = 0):
-        from .server import serve_in_thread
+    ``api_key`` is passed explicitly (resolved by the replica on the driver), never read from the actor's config
+    dump or environment, so the server and its clients agree on it.
+    """
 
+    def __init__(
+        self, config: DiffusionRolloutConfig, model_path: str, replica_rank: int = 0, api_key: str | None = None
+    ):
+        from .server import check_bind, serve_in_thread
+
+        check_bind(config.server_host, api_key, config.server_allow_unauthenticated)  # before loading the model
         self.config = config
         self.replica_rank = replica_rank
         self.engine = build_engine(config, model_path)
-        self._http, self._address = serve_in_thread(self.engine, config.server_host, config.server_port, config.sampling)
+        self._http, self._address = serve_in_thread(
+            self.engine,
+            config.server_host,
+            config.server_port,
+            config.sampling,
+            api_key=api_key,
+            limits=config.server_limits,
+            allow_unauthenticated=config.server_allow_unauthenticated,
+        )
 
     def address(self) -> str:
         return self._address
@@ -98,6 +126,15 @@ class DiffusionReplica(RolloutReplica):
                 f"{self.world_size}. Scale out with more replicas instead."
             )
         self.model_path = omega_conf_to_dataclass(_as_model_config(model_config)).local_path
+        self._api_key = resolve_api_key(self.config)
+        from .server import check_bind
+
+        check_bind(self.config.server_host, self._api_key, self.config.server_allow_unauthenticated)
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Headers for HTTP clients of this replica's ``server_address`` (the API key, when one is set)."""
+        return auth_headers(self._api_key)
 
     def rollout_worker_use_gpu(self) -> bool:
         return _wants_gpu(self.config.device)
@@ -124,7 +161,7 @@ class DiffusionReplica(RolloutReplica):
         name = f"diffusion_server_{self.replica_rank}{self.name_suffix}"
         actor_cls = ray.remote(DiffusionServer)
         server = actor_cls.options(name=name, num_cpus=1, num_gpus=num_gpus, max_concurrency=16).remote(
-            self.config, self.model_path, self.replica_rank
+            self.config, self.model_path, self.replica_rank, self._api_key
         )
         self._server_address = await server.address.remote()
         self._server_handle = server

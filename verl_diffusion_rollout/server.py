@@ -1,6 +1,6 @@
-"""HTTP rollout API around one diffusion engine (FastAPI + uvicorn).
+"""HTTP rollout API around one diffusion engine (FastAPI + uvicorn), authenticated and bounded.
 
-    python -m verl_diffusion_rollout.server --model-path /models/Qwen-Image --device cuda --dtype bfloat16
+    VDR_API_KEY=... python -m verl_diffusion_rollout.server --model-path /models/Qwen-Image --device cuda
 
 Endpoints:
 
@@ -9,38 +9,56 @@ Endpoints:
   has one entry per sample (a GRPO group's samples are consecutive), each with its own tensors as
   ``{"dtype", "shape", "data": base64}`` objects: ``image`` [3, H, W], ``rollout_log_probs`` [T], ``sde_mask``,
   ``all_timesteps``, ``all_sigmas``, and on request ``all_latents`` [T+1, L, D] and the denoising environment.
+  A client that disconnects cancels its generation at the next denoising step.
 * ``POST /update_weights``: the named tensors as a safetensors body (``application/x-safetensors`` or
   ``application/octet-stream``; the peft config may ride in the safetensors metadata under ``peft_config``),
   or JSON ``{"tensors": {name: tensor-object}, "peft_config": {...}}``. Answers the new weight version.
-* ``GET /health``, ``GET /weight_version``, ``POST /sleep``, ``POST /wake_up``.
+* ``GET /health`` (never authenticated), ``GET /weight_version``, ``POST /sleep``, ``POST /wake_up``.
 
-Malformed requests get a 4xx with a message; the server keeps serving.
+Security: with an API key (``--api-key``, ``VDR_API_KEY`` or ``rollout.server_api_key``) every endpoint but
+``GET /health`` needs ``Authorization: Bearer <key>`` (401 otherwise; compared in constant time). Binding a
+non-loopback address without a key is refused unless ``--allow-unauthenticated`` is given. Every request is bounded
+(:class:`~verl_diffusion_rollout.config.ServerLimits`) before work starts: bodies while they stream in (413),
+sample count, pixels, prompt length and steps (422), each error naming the limit and its flag.
+
+Statuses: 400 malformed request or rejected weight update, 401 missing/wrong key, 413 body too large, 415 content
+type, 422 invalid or out-of-limit values, 409 engine asleep, 499 client gone (generation cancelled), 503 out of
+memory, 500 any other error (JSON body). The server keeps serving after every one of them.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, Field, ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .config import DiffusionSamplingConfig
+from .config import DiffusionSamplingConfig, ServerLimits
 from .contract import ENV_KEYS, RolloutBatch
 from .engines import DiffusionEngine
-from .lora_sync import WeightUpdateError
+from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput
+from .lora_sync import WeightUpdateError, to_lora_config
 from .serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_from_bytes, tensor_from_json, tensor_to_json
 
-__all__ = ["build_app", "serve_in_thread", "main", "RolloutServer"]
+__all__ = ["build_app", "serve_in_thread", "main", "RolloutServer", "check_bind", "API_KEY_ENV"]
 
 logger = logging.getLogger(__name__)
 
+API_KEY_ENV = "VDR_API_KEY"
+DISCONNECT_POLL_S = 0.05  # how often a running generation checks whether its client is still there
 _PER_STEP_KEYS = ("rollout_log_probs", "sde_mask", "all_timesteps", "all_sigmas")
 
 
@@ -67,22 +85,190 @@ def _sample_entries(batch: RolloutBatch, return_env: bool, return_trajectory: bo
 
 
 class GenerateRequest(BaseModel):
-    """Body of ``POST /rollout/generate``."""
+    """Body of ``POST /rollout/generate`` (strict types: ``"false"`` is not a boolean, ``"3"`` not an int)."""
 
-    prompts: list[str]
-    seeds: list[int] | None = None
-    n: int = Field(1, ge=1)
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[StrictStr]
+    seeds: list[StrictInt] | None = None
+    n: StrictInt = Field(1, ge=1)
     sampling: dict[str, Any] = Field(default_factory=dict)
-    window_seed: int | None = None
-    return_env: bool = True
-    return_trajectory: bool = True
-    return_debug: bool = False
+    window_seed: StrictInt | None = None
+    return_env: StrictBool = True
+    return_trajectory: StrictBool = True
+    return_debug: StrictBool = False
 
 
-def build_app(engine: DiffusionEngine, default_sampling: DiffusionSamplingConfig | None = None):
-    """The FastAPI application serving ``engine``."""
+# -- authentication -----------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, allow_unauthenticated: bool = False) -> None:
+    """Refuse to serve a non-loopback address without an API key (the weights and the GPU would be anyone's)."""
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return
+    raise ValueError(
+        f"refusing to serve {host!r} without an API key: anyone reaching it could replace the weights. Set "
+        f"{API_KEY_ENV} (or --api-key / rollout.server_api_key), bind 127.0.0.1, or pass --allow-unauthenticated "
+        "(rollout.server_allow_unauthenticated=true) on a trusted network"
+    )
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+class BearerAuth:
+    """ASGI middleware: every request but ``GET /health`` needs ``Authorization: Bearer <key>``.
+
+    Compares fixed-length digests with :func:`hmac.compare_digest`, so the time taken says nothing about the key.
+    """
+
+    OPEN = {("GET", "/health"), ("HEAD", "/health")}
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self._expected = _digest(b"Bearer " + api_key.encode())
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.OPEN:
+            return await self.app(scope, receive, send)
+        provided = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                provided = value
+                break
+        if not hmac.compare_digest(_digest(provided), self._expected):
+            detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# -- limits -------------------------------------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int, flag: str) -> bytes:
+    """The request body, read chunk by chunk and abandoned with a 413 as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise HTTPException(status_code=400, detail=f"invalid Content-Length {declared[:40]!r}") from None
+        if declared_bytes > limit:
+            raise _too_large(declared_bytes, limit, flag)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit, flag, partial=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, flag: str, partial: bool = False) -> HTTPException:
+    got = f"more than {limit} bytes" if partial else f"{size} bytes"
+    return HTTPException(
+        status_code=413,
+        detail=f"request body too large: {got}, the limit is {limit / 2**20:g} MiB ({flag})",
+    )
+
+
+def _limit_error(limits: ServerLimits, name: str, value: Any, what: str) -> HTTPException:
+    return HTTPException(
+        status_code=422,
+        detail=f"{what} = {value} exceeds the server limit {name}={getattr(limits, name)} ({limits.flag(name)})",
+    )
+
+
+def check_generate_limits(req: GenerateRequest, limits: ServerLimits) -> None:
+    """Samples per request and prompt lengths (before the sampling config is even built)."""
+    samples = len(req.prompts) * req.n
+    if samples > limits.max_samples:
+        raise _limit_error(limits, "max_samples", samples, f"samples (len(prompts)={len(req.prompts)} x n={req.n})")
+    longest = max((len(p) for p in req.prompts), default=0)
+    if longest > limits.max_prompt_chars:
+        raise _limit_error(limits, "max_prompt_chars", longest, "prompt length in characters")
+
+
+def check_sampling_limits(sampling: DiffusionSamplingConfig, limits: ServerLimits) -> None:
+    """Pixels per image, steps and negative-prompt length of a validated sampling config."""
+    pixels = sampling.height * sampling.width
+    if pixels > limits.max_pixels:
+        raise _limit_error(limits, "max_pixels", pixels, f"pixels per image ({sampling.height}x{sampling.width})")
+    if sampling.num_steps > limits.max_steps:
+        raise _limit_error(limits, "max_steps", sampling.num_steps, "num_steps")
+    if len(sampling.negative_prompt) > limits.max_prompt_chars:
+        raise _limit_error(limits, "max_prompt_chars", len(sampling.negative_prompt), "negative_prompt length")
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+def engine_error(err: BaseException) -> HTTPException:
+    """The HTTP status of an engine exception: 409 asleep only, 4xx invalid input, 503 out of memory, else 500."""
+    message = str(err) or type(err).__name__
+    if isinstance(err, EngineAsleep):
+        return HTTPException(status_code=409, detail=message)
+    if isinstance(err, GenerationCancelled):
+        return HTTPException(status_code=499, detail=f"client closed the request: {message}")
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return HTTPException(status_code=503, detail=f"out of memory: {message}")
+    if isinstance(err, WeightUpdateError):
+        return HTTPException(status_code=400, detail=message)
+    if isinstance(err, ValueError):
+        return HTTPException(status_code=422, detail=message)
+    if isinstance(err, NonFiniteOutput):
+        return HTTPException(status_code=500, detail=message)
+    logger.exception("rollout server: internal error", exc_info=err)
+    return HTTPException(status_code=500, detail=f"internal error ({type(err).__name__}): {message}")
+
+
+async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an engine call in the thread pool, mapping its exceptions to HTTP statuses."""
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except HTTPException:
+        raise
+    except Exception as err:  # noqa: BLE001 - every error becomes a status; the server keeps serving
+        raise engine_error(err) from err
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    while not gone.is_set():
+        if await request.is_disconnected():
+            gone.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+# -- application --------------------------------------------------------------------------------------------------
+
+
+def build_app(
+    engine: DiffusionEngine,
+    default_sampling: DiffusionSamplingConfig | None = None,
+    *,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The FastAPI application serving ``engine``; ``api_key`` (when set) guards every endpoint but ``/health``."""
     default_sampling = default_sampling or DiffusionSamplingConfig()
-    app = FastAPI(title="verl_diffusion_rollout", version="0.1.0")
+    limits = limits or ServerLimits()
+    app = FastAPI(title="verl_diffusion_rollout", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     def bad_request(err: Exception, status: int = 400) -> HTTPException:
         return HTTPException(status_code=status, detail=str(err))
@@ -97,80 +283,107 @@ def build_app(engine: DiffusionEngine, default_sampling: DiffusionSamplingConfig
 
     @app.post("/rollout/generate")
     async def generate(request: Request) -> dict[str, Any]:
+        raw = await read_body(request, limits.request_bytes, limits.flag("max_request_mb"))
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
             raise bad_request(ValueError(f"request body is not valid JSON: {err}")) from err
         try:
             req = GenerateRequest.model_validate(body)
         except ValidationError as err:
-            raise bad_request(ValueError(err.errors(include_url=False)), 422) from err
+            raise bad_request(ValueError(err.errors(include_url=False, include_input=False)), 422) from err
+        check_generate_limits(req, limits)
         try:
             sampling = default_sampling.replace(**{**req.sampling, "return_debug": req.return_debug})
         except (ValueError, TypeError) as err:
             raise bad_request(err, 422) from err
+        check_sampling_limits(sampling, limits)
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            batch = await run_in_threadpool(
-                engine.generate, req.prompts, req.seeds, sampling, req.n, req.window_seed
-            )
-        except ValueError as err:
-            raise bad_request(err, 422) from err
-        except RuntimeError as err:  # asleep
-            raise bad_request(err, 409) from err
+            batch = await _call(engine.generate, req.prompts, req.seeds, sampling, req.n, req.window_seed,
+                                cancel=gone.is_set)
+        finally:
+            watcher.cancel()
+        samples = await _call(_sample_entries, batch, req.return_env, req.return_trajectory)
         return {
             "weight_version": batch.weight_version,
             "timing": batch.timings,
             "sampling": batch.sampling.to_dict(),
-            "samples": _sample_entries(batch, req.return_env, req.return_trajectory),
+            "samples": samples,
         }
 
     @app.post("/update_weights")
     async def update_weights(request: Request) -> dict[str, Any]:
-        raw = await request.body()
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type not in ("application/json", SAFETENSORS_MEDIA_TYPE, "application/octet-stream"):
+            raise HTTPException(
+                status_code=415,
+                detail=f"unsupported content-type {content_type!r}; send {SAFETENSORS_MEDIA_TYPE} or application/json",
+            )
+        raw = await read_body(request, limits.update_bytes, limits.flag("max_update_mb"))
         try:
-            if content_type == "application/json":
-                body = json.loads(raw)
-                if not isinstance(body, dict) or not isinstance(body.get("tensors"), dict):
-                    raise ValueError("JSON weight updates need {'tensors': {name: tensor}, 'peft_config'?: {...}}")
-                tensors = {name: tensor_from_json(obj) for name, obj in body["tensors"].items()}
-                peft_config = body.get("peft_config")
-            elif content_type in (SAFETENSORS_MEDIA_TYPE, "application/octet-stream"):
-                tensors, metadata = named_tensors_from_bytes(raw)
-                peft_config = metadata.get("peft_config")
-            else:
-                raise HTTPException(
-                    status_code=415,
-                    detail=f"unsupported content-type {content_type!r}; send {SAFETENSORS_MEDIA_TYPE} or application/json",
-                )
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+            tensors, peft_config = await run_in_threadpool(_parse_update, raw, content_type)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
             raise bad_request(err) from err
-        try:
-            version = await run_in_threadpool(engine.update_weights, list(tensors.items()), peft_config)
-        except WeightUpdateError as err:
-            raise bad_request(err) from err
+        version = await _call(engine.update_weights, list(tensors.items()), peft_config)
         return {"weight_version": version, "num_tensors": len(tensors)}
 
     @app.post("/sleep")
-    def sleep() -> dict[str, bool]:
-        engine.sleep()
+    async def sleep() -> dict[str, bool]:
+        await _call(engine.sleep)
         return {"sleeping": True}
 
     @app.post("/wake_up")
-    def wake_up() -> dict[str, bool]:
-        engine.wake_up()
+    async def wake_up() -> dict[str, bool]:
+        await _call(engine.wake_up)
         return {"sleeping": False}
 
     return app
 
 
+def _parse_update(raw: bytes, content_type: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """``(tensors, peft_config)`` of an update body; a client's peft config is validated strictly (no regexes)."""
+    if content_type == "application/json":
+        body = json.loads(raw)
+        if not isinstance(body, dict) or not isinstance(body.get("tensors"), dict):
+            raise ValueError("JSON weight updates need {'tensors': {name: tensor}, 'peft_config'?: {...}}")
+        unknown = sorted(set(body) - {"tensors", "peft_config"})
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in a JSON weight update; known: ['peft_config', 'tensors']")
+        tensors = {name: tensor_from_json(obj) for name, obj in body["tensors"].items()}
+        peft_config = body.get("peft_config")
+    else:
+        tensors, metadata = named_tensors_from_bytes(raw)
+        peft_config = metadata.get("peft_config")
+    if not tensors:
+        raise ValueError("empty weight update: no tensors in the body")
+    if peft_config is not None:
+        if not isinstance(peft_config, dict):
+            raise WeightUpdateError(f"peft_config must be a JSON object, got {type(peft_config).__name__}")
+        to_lora_config(peft_config, from_client=True)
+    return tensors, peft_config
+
+
 class RolloutServer:
     """A uvicorn server running ``build_app(engine)`` in a background thread (for replicas and tests)."""
 
-    def __init__(self, engine: DiffusionEngine, host: str = "127.0.0.1", port: int = 0, sampling=None):
+    def __init__(
+        self,
+        engine: DiffusionEngine,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sampling: DiffusionSamplingConfig | None = None,
+        *,
+        api_key: str | None = None,
+        limits: ServerLimits | None = None,
+        allow_unauthenticated: bool = False,
+    ):
         import uvicorn
 
-        config = uvicorn.Config(build_app(engine, sampling), host=host, port=port, log_level="warning")
+        check_bind(host, api_key, allow_unauthenticated)
+        app = build_app(engine, sampling, api_key=api_key, limits=limits)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="vdr-rollout-server", daemon=True)
         self.host = host
@@ -191,17 +404,25 @@ class RolloutServer:
         self._thread.join(timeout=10)
 
 
-def serve_in_thread(engine: DiffusionEngine, host: str = "127.0.0.1", port: int = 0, sampling=None) -> tuple[RolloutServer, str]:
+def serve_in_thread(
+    engine: DiffusionEngine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    sampling: DiffusionSamplingConfig | None = None,
+    *,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    allow_unauthenticated: bool = False,
+) -> tuple[RolloutServer, str]:
     """Start a :class:`RolloutServer`; returns it and its ``host:port`` address."""
-    server = RolloutServer(engine, host, port, sampling)
+    server = RolloutServer(
+        engine, host, port, sampling, api_key=api_key, limits=limits, allow_unauthenticated=allow_unauthenticated
+    )
     return server, server.start()
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
-    from .engines import get_engine_class
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServerLimits()
     parser = argparse.ArgumentParser(description="verl_diffusion_rollout HTTP rollout server")
     parser.add_argument("--model-path", required=True, help="diffusers model folder (model_index.json at its root)")
     parser.add_argument("--engine", default="diffusers", choices=["diffusers", "vllm_omni"])
@@ -210,10 +431,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--api-key", default=None,
+        help=f"require 'Authorization: Bearer <key>' on every endpoint but GET /health (default: ${API_KEY_ENV}; "
+        "prefer the environment variable: a flag is visible in the process list)",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve a non-loopback --host without an API key (trusted networks only)",
+    )
+    parser.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb,
+                        help="largest generate request body, MiB (default %(default)s)")
+    parser.add_argument("--max-update-mb", type=float, default=defaults.max_update_mb,
+                        help="largest /update_weights body, MiB (default %(default)s)")
+    parser.add_argument("--max-samples", type=int, default=defaults.max_samples,
+                        help="most samples (prompts x n) per request (default %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help="most pixels (height x width) per image (default %(default)s)")
+    parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars,
+                        help="longest prompt / negative prompt in characters (default %(default)s)")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps,
+                        help="most denoising steps per request (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from .engines import get_engine_class
+
+    args = parse_args(argv)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        limits = ServerLimits(
+            max_request_mb=args.max_request_mb, max_update_mb=args.max_update_mb, max_samples=args.max_samples,
+            max_pixels=args.max_pixels, max_prompt_chars=args.max_prompt_chars, max_steps=args.max_steps,
+        )
+        check_bind(args.host, api_key, args.allow_unauthenticated)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() and args.device != "cpu" else "float32")
     engine = get_engine_class(args.engine)(args.model_path, device=args.device, dtype=dtype, seed=args.seed)
-    uvicorn.run(build_app(engine), host=args.host, port=args.port)
+    uvicorn.run(build_app(engine, api_key=api_key, limits=limits), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 from verl.workers.config import HFModelConfig, RolloutConfig
 
-from .config import QWEN_IMAGE_ATTENTION_MODULES, DiffusionSamplingConfig, LoRASyncConfig, _plain, _set
+from .config import (
+    QWEN_IMAGE_ATTENTION_MODULES,
+    DiffusionSamplingConfig,
+    LoRASyncConfig,
+    ServerLimits,
+    _plain,
+    _set,
+)
 
 __all__ = ["DiffusionRolloutConfig", "DiffusionModelConfig", "register_configs", "ENGINES", "DTYPES"]
 
@@ -37,6 +44,10 @@ class DiffusionRolloutConfig(RolloutConfig):
             Qwen-Image's masked joint attention on Hopper), ``default`` (PyTorch's), or ``cudnn``/``flash``/...
         fast_attention: Qwen-Image joint attention with real-valued RoPE (same function; fuses under compile).
         server_host, server_port: where the HTTP rollout server of a replica listens (port 0: any free port).
+        server_api_key: the key the replica's server requires (``Authorization: Bearer <key>``) and its clients
+            send; ``None`` falls back to the ``VDR_API_KEY`` environment variable of the driver. Never printed.
+        server_allow_unauthenticated: serve a non-loopback ``server_host`` without a key (trusted networks only).
+        server_limits: request bounds of the server (:class:`~verl_diffusion_rollout.config.ServerLimits`).
     """
 
     name: Optional[str] = "diffusion"
@@ -52,6 +63,9 @@ class DiffusionRolloutConfig(RolloutConfig):
     fast_attention: bool = True
     server_host: str = "127.0.0.1"
     server_port: int = 0
+    server_api_key: Optional[str] = field(default=None, repr=False)
+    server_allow_unauthenticated: bool = False
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,7 +81,13 @@ class DiffusionRolloutConfig(RolloutConfig):
             )
         if self.n < 1:
             raise ValueError(f"rollout.n must be >= 1, got {self.n}")
-        for name, cls in (("sampling", DiffusionSamplingConfig), ("lora", LoRASyncConfig)):
+        if self.server_api_key is not None and (not isinstance(self.server_api_key, str) or not self.server_api_key):
+            raise ValueError("rollout.server_api_key must be a non-empty string or null")
+        if not isinstance(self.server_allow_unauthenticated, bool):
+            raise ValueError(
+                f"rollout.server_allow_unauthenticated must be true or false, got {self.server_allow_unauthenticated!r}"
+            )
+        for name, cls in (("sampling", DiffusionSamplingConfig), ("lora", LoRASyncConfig), ("server_limits", ServerLimits)):
             value = getattr(self, name)
             if isinstance(value, (dict, DictConfig)):
                 value = _plain(value)

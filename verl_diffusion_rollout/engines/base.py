@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +14,16 @@ import torch
 
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
+from ..errors import NonFiniteOutput
 
-__all__ = ["DiffusionEngine", "GroupRequest", "expand_group_request", "ReadWriteLock", "MAX_SEED"]
+__all__ = [
+    "DiffusionEngine",
+    "GroupRequest",
+    "expand_group_request",
+    "ReadWriteLock",
+    "check_finite_batch",
+    "MAX_SEED",
+]
 
 MAX_SEED = 2**31 - 1  # seeds stay exact in JSON and fit every generator
 
@@ -61,38 +69,87 @@ def expand_group_request(
 
 
 class ReadWriteLock:
-    """Many concurrent readers (generations) or one writer (weight sync, sleep), never both."""
+    """Many concurrent readers (generations) or one writer (weight sync, sleep), never both; writers first.
 
-    def __init__(self) -> None:
+    A writer waits only for the readers already inside: from the moment it asks, new readers queue behind it, so
+    a steady stream of generations cannot starve a weight update. Not reentrant.
+
+    Args:
+        trace: optional ``trace(event)`` called under the lock's own mutex at every state change, with ``event``
+            one of ``"read_acquired"``, ``"read_released"``, ``"write_waiting"``, ``"write_acquired"``,
+            ``"write_released"``; the calls are therefore totally ordered like the lock's states (tests and
+            profiling use it).
+    """
+
+    def __init__(self, trace: Callable[[str], None] | None = None) -> None:
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
+        self._waiting_writers = 0
+        self._trace = trace
+
+    def _event(self, name: str) -> None:
+        if self._trace is not None:
+            self._trace(name)
 
     @contextmanager
     def read(self):
         with self._cond:
-            while self._writer:
+            while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
+            self._event("read_acquired")
         try:
             yield
         finally:
             with self._cond:
                 self._readers -= 1
+                self._event("read_released")
                 self._cond.notify_all()
 
     @contextmanager
     def write(self):
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._waiting_writers += 1
+            self._event("write_waiting")
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
             self._writer = True
+            self._event("write_acquired")
         try:
             yield
         finally:
             with self._cond:
                 self._writer = False
+                self._event("write_released")
                 self._cond.notify_all()
+
+
+def check_finite_batch(batch: RolloutBatch) -> None:
+    """Raise :class:`~verl_diffusion_rollout.errors.NonFiniteOutput` if a rollout holds NaN or Inf.
+
+    Checks the log-probs, the images and the final latent: every step feeds the next, so a non-finite value
+    anywhere in the trajectory reaches the final latent.
+    """
+    checks = {
+        "rollout_log_probs": batch.rollout_log_probs,
+        "responses (images)": batch.responses,
+        "all_latents (final latent)": batch.all_latents[:, -1],
+    }
+    bad = [name for name, tensor in checks.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        rows = sorted({int(b) for name in bad for b in _nonfinite_rows(checks[name])})
+        raise NonFiniteOutput(
+            f"the generation produced NaN/Inf in {', '.join(bad)} (samples {rows[:8]}); nothing is returned. "
+            "The weights or the sampling values (noise_level, guidance_scale) give a numerically invalid rollout"
+        )
+
+
+def _nonfinite_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return (~torch.isfinite(tensor.reshape(tensor.shape[0], -1))).any(dim=1).nonzero().flatten()
 
 
 class DiffusionEngine(ABC):
@@ -116,8 +173,15 @@ class DiffusionEngine(ABC):
         sampling: DiffusionSamplingConfig | None = None,
         n: int = 1,
         window_seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> RolloutBatch:
-        """Sample ``n`` images per prompt (``len(prompts) * n`` samples, grouped by prompt)."""
+        """Sample ``n`` images per prompt (``len(prompts) * n`` samples, grouped by prompt).
+
+        ``cancel``, when given, is polled between denoising steps; once it returns True the generation stops with
+        :class:`~verl_diffusion_rollout.errors.GenerationCancelled`. Raises
+        :class:`~verl_diffusion_rollout.errors.EngineAsleep` while asleep and
+        :class:`~verl_diffusion_rollout.errors.NonFiniteOutput` rather than return NaN/Inf.
+        """
 
     @abstractmethod
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:

@@ -6,26 +6,28 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..config import DiffusionSamplingConfig, LoRASyncConfig
 from ..contract import RolloutBatch
+from ..errors import EngineAsleep
 from ..lora_sync import (
     AdapterLoRA,
     FullWeightSync,
     LoRASpec,
     MergedLoRA,
     WeightUpdateError,
+    check_names_and_shapes,
     is_lora_name,
     iter_with_first,
     to_lora_config,
 )
 from ..pipelines import get_pipeline_class, pipeline_class_name
 from ..scheduler import FlowMatchSDEDiscreteScheduler
-from .base import DiffusionEngine, ReadWriteLock, expand_group_request
+from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
 
 __all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
 
@@ -137,17 +139,26 @@ class DiffusersEngine(DiffusionEngine):
         sampling: DiffusionSamplingConfig | None = None,
         n: int = 1,
         window_seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> RolloutBatch:
-        """Sample ``n`` images per prompt; see :class:`~verl_diffusion_rollout.contract.RolloutBatch`."""
+        """Sample ``n`` images per prompt; see :class:`~verl_diffusion_rollout.contract.RolloutBatch`.
+
+        ``cancel`` is polled before every denoising step (:class:`~verl_diffusion_rollout.errors.GenerationCancelled`
+        once it returns True). Raises :class:`~verl_diffusion_rollout.errors.EngineAsleep` while asleep and
+        :class:`~verl_diffusion_rollout.errors.NonFiniteOutput` instead of returning NaN/Inf.
+        """
         request = expand_group_request(prompts, seeds, n, self._rng)
         sampling = sampling or DiffusionSamplingConfig()
         if not isinstance(sampling, DiffusionSamplingConfig):
             raise ValueError(f"sampling must be a DiffusionSamplingConfig, got {type(sampling).__name__}")
         with self._lock.read():
             if self._sleeping:
-                raise RuntimeError("the engine is asleep (weights released); call wake_up() before generate()")
-            batch = self.pipe(request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed)
+                raise EngineAsleep("the engine is asleep (weights released); call wake_up() before generate()")
+            batch = self.pipe(
+                request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
+            )
             batch.weight_version = self._version
+        check_finite_batch(batch)
         return batch
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:
@@ -155,19 +166,24 @@ class DiffusersEngine(DiffusionEngine):
 
         The first LoRA sync creates the adapter from ``peft_config`` (a peft ``LoraConfig`` or dict; verl passes
         the trainer's) or from the engine's ``lora`` defaults. Raises :class:`WeightUpdateError` naming the
-        offending tensor; on any error the weights and ``weight_version`` stay as they were.
+        offending tensor or config key; on any error the weights and ``weight_version`` stay as they were: every
+        check (names, shapes, dtypes, NaN/Inf, finiteness of the merged weights) runs before the first write.
         """
         if self._trainer_attached:
             raise WeightUpdateError(
                 "a trainer trains this engine's transformer in place (attach_trainer); it has no weights to receive"
             )
         start = time.perf_counter()
+        first, stream = iter_with_first(weights)
+        if first is None:
+            raise WeightUpdateError("empty weight update: the generator yielded no tensors")
+        is_lora = isinstance(first, tuple) and len(first) == 2 and is_lora_name(str(first[0]))
+        # The config is validated before waiting for the lock: a bad one never blocks generations.
+        lora_config = to_lora_config(peft_config, self.lora_defaults) if is_lora else None
+        materialised = weights if isinstance(weights, (list, tuple)) else None
         with self._lock.write():
-            first, stream = iter_with_first(weights)
-            if first is None:
-                raise WeightUpdateError("empty weight update: the generator yielded no tensors")
-            if isinstance(first, tuple) and len(first) == 2 and is_lora_name(str(first[0])):
-                self._apply_lora(stream, peft_config)
+            if is_lora:
+                self._apply_lora(stream, lora_config, materialised)
             else:
                 self._apply_full(stream)
             self._version += 1
@@ -176,36 +192,37 @@ class DiffusersEngine(DiffusionEngine):
         self.last_sync_s = time.perf_counter() - start
         return self._version
 
-    def _apply_lora(self, stream: Iterable, peft_config: Any) -> None:
+    def _apply_lora(self, stream: Iterable, lora_config: Any, materialised: Sequence | None) -> None:
+        """Stage and check everything, then write (the writes cannot fail on the values)."""
         transformer = self.pipe.transformer
-        lora_config = to_lora_config(peft_config, self.lora_defaults)
         key = _lora_key(lora_config)
-        if self._lora is not None and key == self._lora_key:
-            lora = self._lora
-            staged = lora.stage(stream)
-            written = lora.commit()
+        previous = self._lora
+        if previous is not None and key == self._lora_key:
+            lora = previous
+            lora.stage(stream)
+            lora.commit()
         elif self.lora_defaults.merge:
             spec = LoRASpec.from_model(transformer, lora_config)
-            base = self._lora.base if isinstance(self._lora, MergedLoRA) else None
+            if materialised is not None:  # nothing is allocated for tensors the update does not bring
+                check_names_and_shapes(materialised, spec.shapes)
+            base = previous.base if isinstance(previous, MergedLoRA) else None
             lora = MergedLoRA(transformer, spec, base_weights=base)
-            staged = lora.stage(stream)
-            if self._lora is not None:
-                self._lora.restore()
-            written = lora.commit()
+            lora.stage(stream)
+            if isinstance(previous, MergedLoRA):  # modules the new LoRA no longer targets get their base back
+                previous.restore([m for m in previous.spec.modules if m not in set(spec.modules)])
+            lora.commit()
         else:
-            if self._lora is not None:
+            if previous is not None:
                 raise WeightUpdateError(
                     f"the LoRA config changed ({self._lora_key} -> {key}); unmerged adapters cannot be re-created "
                     "in place: restart the rollout or use rollout.lora.merge=true"
                 )
             spec = LoRASpec.from_model(transformer, lora_config)
+            if materialised is not None:
+                check_names_and_shapes(materialised, spec.shapes)
             lora = AdapterLoRA(transformer, spec, lora_config)
-            staged = lora.stage(stream)
-            written = lora.commit()
-        # Every module the update names must have been written: an adapter bound to fewer modules than it
-        # carries would silently train nothing.
-        if 2 * written != staged:
-            raise RuntimeError(f"LoRA sync wrote {written} modules for {staged} tensors ({staged // 2} modules)")
+            lora.stage(stream)
+            lora.commit()
         self._lora, self._lora_key, self._full = lora, key, None
 
     def _apply_full(self, stream: Iterable) -> None:

@@ -16,9 +16,11 @@ vllm-omni needs a GPU and vLLM's compiled ops: this engine is not exercised end 
 
 from __future__ import annotations
 
+import json
 import random
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 
 from ..config import DiffusionSamplingConfig, LoRASyncConfig
 from ..contract import RolloutBatch, cat_padded
+from ..errors import EngineAsleep, GenerationCancelled
 from ..lora_sync import (
     VLLMOmniLoRAPatch,
     WeightUpdateError,
@@ -35,9 +38,15 @@ from ..lora_sync import (
     to_lora_config,
     validate_lora_tensors,
 )
-from .base import DiffusionEngine, ReadWriteLock, expand_group_request
+from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
 
-__all__ = ["VLLMOmniEngine", "rollout_batch_from_omni_outputs", "omni_request_extra_args"]
+__all__ = [
+    "VLLMOmniEngine",
+    "rollout_batch_from_omni_outputs",
+    "omni_request_extra_args",
+    "omni_requests",
+    "check_uniform_requests",
+]
 
 PIPELINE_CLASS = "verl_diffusion_rollout.engines.vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline"
 WORKER_EXTENSION = "verl_diffusion_rollout.engines.vllm_omni_pipeline.LoRAPatchWorkerExtension"
@@ -47,6 +56,64 @@ EXTRA_ARGS_KEY = "vdr"  # the same key as vllm_omni_pipeline.EXTRA_ARGS_KEY (tha
 def omni_request_extra_args(sampling: DiffusionSamplingConfig, seeds: Sequence[int], window_seed: int) -> dict:
     """``extra_args`` of one vllm-omni request: what our custom pipeline reads."""
     return {EXTRA_ARGS_KEY: {"sampling": sampling.to_dict(), "seeds": [int(s) for s in seeds], "window_seed": int(window_seed)}}
+
+
+def omni_requests(
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    n: int,
+    sampling: DiffusionSamplingConfig,
+    window_seed: int,
+    lora_request: Any = None,
+) -> tuple[list[dict[str, str]], list[Any]]:
+    """The vllm-omni inputs and ``OmniDiffusionSamplingParams`` of one submission: prompt ``i`` with its ``n``
+    seeds ``seeds[i*n:(i+1)*n]``, every request with the same sampling config and window seed (checked by
+    :func:`check_uniform_requests`)."""
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    prompts = list(prompts)
+    if len(seeds) != len(prompts) * n:
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts x n={n}")
+    params = [
+        OmniDiffusionSamplingParams(
+            height=sampling.height,
+            width=sampling.width,
+            num_inference_steps=sampling.num_steps,
+            true_cfg_scale=sampling.guidance_scale,
+            num_outputs_per_prompt=n,
+            max_sequence_length=sampling.max_sequence_length,
+            output_type="pt",
+            lora_request=lora_request,
+            extra_args=omni_request_extra_args(sampling, seeds[i * n : (i + 1) * n], window_seed),
+        )
+        for i in range(len(prompts))
+    ]
+    inputs = [{"prompt": p, "negative_prompt": sampling.negative_prompt} for p in prompts]
+    check_uniform_requests(params)
+    return inputs, params
+
+
+def check_uniform_requests(params: Sequence[Any]) -> None:
+    """Refuse a submission whose requests differ in sampling config, window seed, group size or LoRA: our pipeline
+    samples a vllm-omni batch with one of each, so mixing them would silently sample some requests wrongly."""
+    keys = []
+    for p in params:
+        spec = (getattr(p, "extra_args", None) or {}).get(EXTRA_ARGS_KEY)
+        if spec is None:
+            raise ValueError("a request lacks our extra_args; every request of a submission must carry them")
+        lora = getattr(p, "lora_request", None)
+        keys.append((
+            json.dumps(spec["sampling"], sort_keys=True),
+            spec.get("window_seed"),
+            getattr(p, "num_outputs_per_prompt", None),
+            getattr(lora, "lora_int_id", None),
+        ))
+    if len(set(keys)) > 1:
+        first, other = keys[0], next(k for k in keys if k != keys[0])
+        raise ValueError(
+            "requests of one vllm-omni submission differ in (sampling, window_seed, n, lora): "
+            f"{first} vs {other}; submit them separately"
+        )
 
 
 def _image_tensor(image: Any) -> torch.Tensor:
@@ -153,9 +220,7 @@ class VLLMOmniEngine(DiffusionEngine):
             ) from err
         VLLMOmniLoRAPatch.install()
         self.model_path = str(model_path)
-        self.lora_defaults = lora or LoRASyncConfig()
-        self.progress_bar = progress_bar
-        self.omni = Omni(
+        omni = Omni(
             model=self.model_path,
             load_format="custom_pipeline",
             custom_pipeline_args={"pipeline_class": PIPELINE_CLASS},
@@ -164,8 +229,16 @@ class VLLMOmniEngine(DiffusionEngine):
             enforce_eager=not compile,
             **engine_kwargs,
         )
+        self._init_client(omni, seed=seed, lora=lora, progress_bar=progress_bar)
+
+    def _init_client(self, omni: Any, *, seed: int, lora: LoRASyncConfig | None, progress_bar: bool) -> None:
+        """The client-side state around an ``Omni`` instance (locks, version, LoRA request, seed generator)."""
+        self.omni = omni
+        self.lora_defaults = lora or LoRASyncConfig()
+        self.progress_bar = progress_bar
         self._rng = random.Random(seed)
         self._lock = ReadWriteLock()
+        self._submit_lock = threading.Lock()
         self._version = 0
         self._lora_request = None
         self._sleeping = False
@@ -186,35 +259,29 @@ class VLLMOmniEngine(DiffusionEngine):
         sampling: DiffusionSamplingConfig | None = None,
         n: int = 1,
         window_seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> RolloutBatch:
-        from vllm_omni.inputs.data import OmniDiffusionSamplingParams
-
+        """As :meth:`DiffusionEngine.generate`. vllm-omni runs a submitted batch to the end, so ``cancel`` is
+        polled before submitting (a request whose client has left by then never starts)."""
         request = expand_group_request(prompts, seeds, n, self._rng)
         sampling = sampling or DiffusionSamplingConfig()
+        if not isinstance(sampling, DiffusionSamplingConfig):
+            raise ValueError(f"sampling must be a DiffusionSamplingConfig, got {type(sampling).__name__}")
         window = request.seeds[0] if window_seed is None else window_seed
-        unique = request.prompts[::n]
-        params = [
-            OmniDiffusionSamplingParams(
-                height=sampling.height,
-                width=sampling.width,
-                num_inference_steps=sampling.num_steps,
-                true_cfg_scale=sampling.guidance_scale,
-                num_outputs_per_prompt=n,
-                max_sequence_length=sampling.max_sequence_length,
-                output_type="pt",
-                lora_request=self._lora_request,
-                extra_args=omni_request_extra_args(sampling, request.seeds[i * n : (i + 1) * n], window),
-            )
-            for i in range(len(unique))
-        ]
-        inputs = [{"prompt": p, "negative_prompt": sampling.negative_prompt} for p in unique]
         start = time.perf_counter()
         with self._lock.read():
             if self._sleeping:
-                raise RuntimeError("the engine is asleep (weights released); call wake_up() before generate()")
-            outputs = self.omni.generate(inputs, params, use_tqdm=self.progress_bar)
+                raise EngineAsleep("the engine is asleep (weights released); call wake_up() before generate()")
+            inputs, params = omni_requests(request.prompts[::n], request.seeds, n, sampling, window, self._lora_request)
+            # Our pipeline samples a whole vllm-omni batch with one sampling config and window; one submission at a
+            # time keeps requests with different configs out of each other's batches.
+            with self._submit_lock:
+                if cancel is not None and cancel():
+                    raise GenerationCancelled("generation cancelled before it was submitted to vllm-omni")
+                outputs = self.omni.generate(inputs, params, use_tqdm=self.progress_bar)
             batch = rollout_batch_from_omni_outputs(outputs, sampling, self._version, request.prompts)
         batch.timings = {"total_s": time.perf_counter() - start}
+        check_finite_batch(batch)
         return batch
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:

@@ -27,6 +27,31 @@ def _build(cls, values: dict[str, Any] | None, prefix: str):
     return cls(**values)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` is an int >= ``minimum`` (booleans are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}")
+
+
+def _jsonl_prompt(line: str, path: str, number: int) -> str:
+    """The ``prompt`` field of one ``.jsonl`` line; errors name the file and the line number."""
+    import json
+
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise ValueError(f"{path}:{number}: a JSON object with a 'prompt' field is required")
+    if not isinstance(record["prompt"], str) or not record["prompt"]:
+        raise ValueError(f"{path}:{number}: 'prompt' must be a non-empty string, got {record['prompt']!r:.80}")
+    return record["prompt"]
+
+
 @dataclass
 class ActorConfig:
     """``actor_rollout_ref.actor``: the policy update (FlowGRPO's defaults).
@@ -58,19 +83,29 @@ class ActorConfig:
     recompute_old_log_probs: bool = False
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)
-        for name in ("lr", "clip_range", "adv_clip_max", "max_grad_norm"):
+        key = "actor_rollout_ref.actor."
+        betas = self.adam_betas
+        if (
+            not isinstance(betas, (list, tuple))
+            or len(betas) != 2
+            or not all(_is_number(b) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"{key}adam_betas must be two numbers in [0, 1), got {betas!r}")
+        self.adam_betas = tuple(float(b) for b in betas)
+        for name in ("lr", "clip_range", "adv_clip_max", "max_grad_norm", "adam_eps"):
             value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"actor.{name} must be > 0, got {value}")
-        if self.kl_beta < 0:
-            raise ValueError(f"actor.kl_beta must be >= 0, got {self.kl_beta}")
-        if self.ppo_epochs < 1:
-            raise ValueError(f"actor.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key}{name} must be > 0, got {value!r}")
+        for name in ("weight_decay", "kl_beta"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key}{name} must be >= 0, got {value!r}")
+        _check_int(f"{key}ppo_epochs", self.ppo_epochs, 1)
         for name in ("mini_batch_size", "micro_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"actor_rollout_ref.actor.{name} must be a positive int or null, got {value!r}")
+            if getattr(self, name) is not None:
+                _check_int(f"{key}{name}", getattr(self, name), 1)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"{key}gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
 
 
 @dataclass
@@ -81,6 +116,9 @@ class DataConfig:
     train_files: Optional[str] = None
     samples_per_step: int = 32
 
+    def __post_init__(self) -> None:
+        _check_int("data.samples_per_step", self.samples_per_step, 1)
+
     def load_prompts(self) -> list[str]:
         """Inline ``prompts``, else ``train_files`` (``.txt``: one per line; ``.jsonl``: a ``prompt`` field)."""
         if self.prompts:
@@ -90,9 +128,11 @@ class DataConfig:
                 raise FileNotFoundError(f"data.train_files {self.train_files!r} does not exist")
             with open(self.train_files, encoding="utf-8") as f:
                 if self.train_files.endswith(".jsonl"):
-                    import json
-
-                    prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+                    prompts = [
+                        _jsonl_prompt(line, self.train_files, number)
+                        for number, line in enumerate(f, start=1)
+                        if line.strip()
+                    ]
                 else:
                     prompts = [line.strip() for line in f if line.strip()]
         else:
@@ -149,19 +189,16 @@ class RunConfig:
     check_weights_freq: int = 10
 
     def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError(f"trainer.total_steps must be >= 1, got {self.total_steps}")
+        _check_int("trainer.total_steps", self.total_steps, 1)
+        _check_int("trainer.seed", self.seed, 0)
+        _check_int("trainer.save_freq", self.save_freq, 0)  # 0: only the final / Ctrl-C checkpoints
+        _check_int("trainer.plot_freq", self.plot_freq, 0)  # 0: never
         unknown = sorted(set(self.logger) - {"console", "jsonl", "tensorboard"})
         if unknown:
             raise ValueError(f"unknown trainer.logger entries {unknown}; use console, jsonl, tensorboard")
-        for name in ("nnodes", "n_gpus_per_node"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"trainer.{name} must be an int >= 1, got {value!r}")
-        for name in ("save_freq", "plot_freq", "check_weights_freq"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"trainer.{name} must be an int >= 0 (0: never), got {value!r}")
+        _check_int("trainer.nnodes", self.nnodes, 1)
+        _check_int("trainer.n_gpus_per_node", self.n_gpus_per_node, 1)
+        _check_int("trainer.check_weights_freq", self.check_weights_freq, 0)  # 0: never
 
     @property
     def world_size(self) -> int:

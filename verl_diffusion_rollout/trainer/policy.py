@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from .checkpoint import check_lora_keys
+
 __all__ = ["MergedLoRALinear", "SharedPolicy", "lora_layers"]
 
 
@@ -206,19 +208,7 @@ class SharedPolicy:
     def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "the update") -> None:
         """Set the LoRA from ``state`` (peft names); every name and shape is checked before anything is written."""
         current = self.state_dict()
-        missing = sorted(set(current) - set(state))
-        unexpected = sorted(set(state) - set(current))
-        wrong = [k for k in current if k in state and tuple(state[k].shape) != tuple(current[k].shape)]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} LoRA tensors, e.g. {missing[:3]}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}")
-            if wrong:
-                k = wrong[0]
-                parts.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(current[k].shape)}")
-            raise ValueError(f"{source} does not match the policy's LoRA: " + "; ".join(parts))
+        check_lora_keys({k: v.shape for k, v in current.items()}, state, source)
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"{source}: LoRA tensor {bad[0]!r} contains NaN or Inf")
