@@ -215,3 +215,49 @@ def test_gpu_recipes_compose_and_validate(tiny_model_path, tmp_path, name):
     else:
         assert sampling.guidance_scale == 4.0 and sampling.sde_type == "sde" and sampling.noise_level == 1.2
     assert config.prompts_per_step == 4 and config.data.load_prompts() == ["a red cat", "a blue dog"]
+
+
+def test_sd35m_recipe_composes_with_flowgrpos_settings(tiny_sd3_model_path, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(
+            config_name="flowgrpo_sd35m",
+            overrides=[
+                f"actor_rollout_ref.model.path={tiny_sd3_model_path}",
+                f"data.train_files={prompts}",
+                f"reward.options.pickscore.model_path={tmp_path}",
+            ],
+        )
+    config = FlowGRPOConfig.from_omegaconf(cfg)
+    sampling = config.rollout.sampling
+    assert (sampling.height, sampling.width, sampling.num_steps) == (512, 512, 10)
+    assert sampling.guidance_scale == 4.5 and sampling.noise_level == 0.7 and sampling.sde_window_size == 0
+    assert sampling.negative_prompt == "" and sampling.max_sequence_length == 128
+    assert config.model.lora_rank == 32 and config.model.lora_alpha == 64
+    assert "attn.to_q" in config.model.target_modules and "attn2.to_q" not in config.model.target_modules
+    assert config.actor.lr == 3e-4 and config.actor.clip_range == 1e-4 and config.actor.kl_beta == 0.04
+    assert list(config.reward.functions) == ["pickscore"]
+
+
+def test_tiny_sd3_recipe_learns_jpeg_compressibility(tiny_sd3_model_path, tmp_path):
+    """The shipped CPU recipe of the second family, as a user runs it (30 steps): the reward rises.
+
+    Measured on 2 CPU cores (2026-11-23): mean reward of steps 1-5 -7.92, of steps 26-30 -6.72 (+1.20 bits/pixel).
+    """
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose(
+            config_name="flowgrpo_sd3_tiny",
+            overrides=[
+                f"actor_rollout_ref.model.path={tiny_sd3_model_path}",
+                f"trainer.output_dir={tmp_path / 'run'}",
+                "trainer.progress_bar=false",
+                "trainer.logger=[jsonl]",
+            ],
+        )
+    history = run(cfg)
+    rewards = [h["reward_mean"] for h in history]
+    assert len(rewards) == 30
+    assert all(h["logprob_max_abs_diff_pre_update"] == 0.0 for h in history)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.5, (first, last)
