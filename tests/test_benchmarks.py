@@ -54,3 +54,26 @@ def test_rollout_bench_tiny_sd3_runs_and_reports(tmp_path):
         assert numerics[f"ode_bit_exact_{dtype}"] and numerics[f"pipeline_ode_bit_exact_{dtype}"]
     assert all(v == 0.0 for k, v in numerics.items() if k.startswith("replay_max_abs_diff"))
     assert (tmp_path / json_path.name.replace(".json", ".md")).read_text().startswith("# Rollout benchmark")
+
+
+def test_step_bench_tiny_runs_the_recipe_and_reports(tmp_path):
+    """The whole-step benchmark drives the recipe's own trainer (tiny Qwen-Image, CPU): two batch sizes on one
+    loaded model and a second variant; every step replays exactly and the report has one row per step."""
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--samples", "16", "32", "--steps", "1",
+        "--variants", "default,unmerged", "--out", str(tmp_path), "--work-dir", str(tmp_path / "runs"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu_*_step_qwenimage.json")
+    results = json.loads(json_path.read_text())
+    assert results["meta"]["recipe"] == "flowgrpo_tiny" and results["meta"]["group_size"] == 8
+    rows = results["rows"]
+    assert [(r["variant"], r["samples"]) for r in rows] == [("default", 16), ("default", 32), ("unmerged", 16)]
+    assert all("error" not in r for r in rows)
+    assert all(r["logprob_max_abs_diff_pre_update"] == 0.0 for r in rows)
+    assert [r["weight_version"] for r in rows] == [1, 2, 1]  # one loaded trainer per variant, one update per step
+    assert all(r["step_s"] >= r["rollout_s"] + r["train_s"] - 1e-6 for r in rows)
+    assert all(abs(r["images_per_s_per_worker"] - r["samples"] / r["step_s"]) < 1e-9 for r in rows)
+    md = (tmp_path / json_path.name.replace(".json", ".md")).read_text()
+    assert md.startswith("# Whole-step FlowGRPO benchmark") and md.count("| default |") == 2

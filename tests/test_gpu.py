@@ -6,12 +6,20 @@ paths on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 import torch
 
 from verl_diffusion_rollout.config import DiffusionSamplingConfig
 from verl_diffusion_rollout.engines import DiffusersEngine
+from verl_diffusion_rollout.trainer.checkpoint import load_checkpoint
+from verl_diffusion_rollout.trainer.config import FlowGRPOConfig
+from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer
 from verl_diffusion_rollout.trainer.replay import compute_log_probs, trainable_steps
+
+from test_trainer import compose_tiny
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,3 +83,142 @@ def test_cuda_lora_sync_and_sleep_wake(tiny_model_path):
     # A sync after the round trip still lands (buffers moved with the weights).
     assert engine.update_weights(((k, v) for k, v in lora.items()), peft_config=config) == 2
     assert torch.equal(engine.generate(PROMPTS, sampling=SAMPLING, seeds=[5, 6]).all_latents, synced.all_latents)
+
+
+# -- the FlowGRPO trainer on one GPU: the policy trained in place in the rollout's transformer, and resume -------------
+
+
+@contextlib.contextmanager
+def _flowgrpo_trainer(cfg):
+    trainer = FlowGRPOTrainer(FlowGRPOConfig.from_omegaconf(cfg))
+    try:
+        yield trainer
+    finally:
+        trainer.close()
+
+
+def _cuda_overrides(dtype: str, *extra: str) -> list[str]:
+    return ["actor_rollout_ref.rollout.device=cuda", f"actor_rollout_ref.rollout.dtype={dtype}", *extra]
+
+
+def _assert_optimizer_state_on_param_devices(optimizer) -> int:
+    """Every AdamW state tensor sits on its parameter's device (``step`` excepted: a 0-dim CPU tensor by torch's
+    design unless ``fused``/``capturable``). Returns the number of parameters with a state."""
+    stated = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            stated += bool(state)
+            for key, value in state.items():
+                if key == "step" and value.dim() == 0 and value.device.type == "cpu":
+                    continue
+                assert value.device == p.device, (key, value.device, p.device)
+    return stated
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, dtype, compile):
+    """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
+    in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
+    log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs)."""
+    if compile:  # a fresh recompile budget: the compiled block forward is one code object for every engine here
+        torch._dynamo.reset()
+    cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=3",
+                       *_cuda_overrides(dtype, f"actor_rollout_ref.rollout.compile={str(compile).lower()}"))
+    with _flowgrpo_trainer(cfg) as trainer:
+        actor = trainer.workers.actor
+        engine = actor.engine
+        # one transformer: the policy trains the module the engine's pipeline samples with
+        assert actor.transformer is engine.pipe.transformer and actor.policy.transformer is engine.pipe.transformer
+        assert engine.pipe.stochastic_steps_with_grad  # attach_trainer's default on accelerators
+        assert actor.device.type == "cuda" and actor.dtype == getattr(torch, dtype)
+        history = [trainer.train_step() for _ in range(3)]
+
+        diffs = [h["logprob_max_abs_diff_pre_update"] for h in history]
+        print(f"{dtype} compile={compile}: logprob max |diff| pre-update by step = {diffs}")
+        assert all(d <= 1e-6 for d in diffs), diffs
+        if dtype == "float32":
+            assert diffs == [0.0, 0.0, 0.0]
+        assert [h["weight_version"] for h in history] == [1, 2, 3]  # one in-place weight change per step
+        assert all(math.isfinite(h["reward_mean"]) and math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0
+                   for h in history)
+
+        transformer = engine.pipe.transformer
+        lora_ids = {id(p) for p in actor.policy.params}
+        base = [(n, p) for n, p in transformer.named_parameters() if id(p) not in lora_ids]
+        assert base and all(p.device.type == "cuda" and p.dtype == getattr(torch, dtype) and not p.requires_grad
+                            for _, p in base), [(n, p.device, p.dtype) for n, p in base[:3]]
+        merged = [layer.merged_weight for layer in actor.policy.layers.values()]
+        assert all(w is not None and w.device.type == "cuda" and w.dtype == getattr(torch, dtype) for w in merged)
+        # the LoRA: float32 master weights on the GPU, the optimizer's parameters exactly, and they learned
+        assert actor.policy.params and all(p.device.type == "cuda" and p.dtype == torch.float32 and p.requires_grad
+                                           for p in actor.policy.params)
+        optimized = {id(p) for group in actor.optimizer.param_groups for p in group["params"]}
+        assert optimized == lora_ids
+        assert any(p.abs().sum() > 0 for n, p in actor.policy.named_params.items() if "lora_B" in n)
+        # AdamW's moments live on the GPU next to their parameters, as does the float64 gradient accumulator
+        assert _assert_optimizer_state_on_param_devices(actor.optimizer) == len(actor.policy.params)
+        assert actor._grad_acc.device.type == "cuda"
+        assert all(p.grad is None for p in actor.policy.params)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_resume_continues_exactly(tiny_model_path, tmp_path, dtype):
+    """A run resumed on CUDA from step 2's checkpoint continues as the uninterrupted run did.
+
+    The optimizer state is loaded from CPU tensors: it must land on the parameters' device (the historic failure was
+    AdamW's foreach step raising "Tensors of the same index must be on the same device" at the first step after a
+    resume). float32: steps 3 and 4 equal the uninterrupted run's exactly. bfloat16: step 3 (sampled and replayed
+    from the restored weights) equals exactly in everything its forward passes determine (rewards, policy loss);
+    its grad norm, and through the update every metric of step 4, are compared with a tolerance, since GPU attention
+    backward kernels may accumulate in a nondeterministic order and bf16 rounding of the merged weights can amplify a
+    last-bit difference of the LoRA (on an H100, 2026-11-23, the bf16 resume was bit-exact at steps 3 and 4 too).
+    """
+    steps = ["trainer.total_steps=4", "trainer.save_freq=2", *_cuda_overrides(dtype)]
+    with _flowgrpo_trainer(compose_tiny(tiny_model_path, tmp_path / "full", *steps)) as trainer:
+        full = trainer.fit()
+        full_optimizer = trainer.workers.actor.optimizer
+        assert _assert_optimizer_state_on_param_devices(full_optimizer) > 0
+        full_adam_steps = sorted(float(s["step"]) for s in full_optimizer.state.values())
+        full_checksum = trainer.workers.checksums()[0]
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000002"
+    _, _, saved = load_checkpoint(ckpt)
+
+    with _flowgrpo_trainer(compose_tiny(tiny_model_path, tmp_path / "resumed", *steps,
+                                        f"trainer.resume_from={ckpt}")) as trainer:
+        actor = trainer.workers.actor
+        assert trainer.step == 2 and actor.device.type == "cuda"
+        # the restored AdamW state: on the parameters' device (CUDA), bit-identical to the checkpoint's
+        params = [p for group in actor.optimizer.param_groups for p in group["params"]]
+        ids = [i for group in saved["optimizer"]["param_groups"] for i in group["params"]]
+        assert len(ids) == len(params) and all(p.device.type == "cuda" for p in params)
+        assert _assert_optimizer_state_on_param_devices(actor.optimizer) == len(params)
+        for i, p in zip(ids, params):
+            for key, value in saved["optimizer"]["state"][i].items():
+                assert torch.equal(actor.optimizer.state[p][key].cpu(), value), (i, key)
+        resumed = trainer.fit()  # the first optimizer step after the resume runs on the restored state
+        assert _assert_optimizer_state_on_param_devices(actor.optimizer) == len(params)
+        assert sorted(float(actor.optimizer.state[p]["step"]) for p in params) == full_adam_steps
+        resumed_checksum = trainer.workers.checksums()[0]
+
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    keys = ("reward_mean", "reward_std", "policy_loss", "grad_norm")
+    for a, b in zip(full[2:], resumed[2:]):
+        print(f"{dtype} step {a['step']}: " + ", ".join(f"{k} {a[k]!r} vs {b[k]!r}" for k in keys))
+    if dtype == "float32":
+        for a, b in zip(full[2:], resumed[2:]):
+            for key in keys:
+                assert a[key] == b[key], (a["step"], key)
+        assert resumed_checksum == full_checksum  # and the final LoRA is bit-identical
+        return
+    step3_full, step3_resumed = full[2], resumed[2]
+    for key in ("reward_mean", "reward_std", "policy_loss"):
+        assert step3_full[key] == step3_resumed[key], (3, key)
+    assert step3_resumed["grad_norm"] == pytest.approx(step3_full["grad_norm"], rel=1e-2)
+    step4_full, step4_resumed = full[3], resumed[3]
+    # well inside the spread of the step's rewards (std ~0.06 on the tiny model)
+    assert step4_resumed["reward_mean"] == pytest.approx(step4_full["reward_mean"], abs=5e-3)
+    assert step4_resumed["reward_std"] == pytest.approx(step4_full["reward_std"], rel=5e-2, abs=1e-3)
+    assert step4_resumed["policy_loss"] == pytest.approx(step4_full["policy_loss"], abs=1e-6)
+    assert step4_resumed["grad_norm"] == pytest.approx(step4_full["grad_norm"], rel=5e-2)

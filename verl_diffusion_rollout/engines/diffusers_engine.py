@@ -31,6 +31,8 @@ from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_gro
 
 __all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
 
+COMPILED_GRAPHS_PER_BLOCK = 64  # torch._dynamo recompile limit set when the engine compiles its blocks
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,6 +107,10 @@ class DiffusersEngine(DiffusionEngine):
                 module.eval().requires_grad_(False)
         self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention else None
         if compile:
+            # One compiled graph per distinct block structure (SD3.5's dual-attention and plain blocks, the last
+            # context-pre-only block) x mode (inference, autograd, adapters off for a KL reference) x batch shape:
+            # more than dynamo's default limit of 8, past which the remaining blocks would silently run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
             for block in pipe.transformer.transformer_blocks:
                 block.compile()
         self.lora_defaults = lora or LoRASyncConfig()
