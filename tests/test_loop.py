@@ -9,7 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from verl_diffusion_rollout.config import DiffusionSamplingConfig
 from verl_diffusion_rollout.errors import GenerationCancelled
-from verl_diffusion_rollout.pipelines import loop, qwenimage, sd3
+from verl_diffusion_rollout.pipelines import loop
 from verl_diffusion_rollout.pipelines.loop import denoise_loop, per_sample_generators
 from verl_diffusion_rollout.scheduler import FlowMatchSDEDiscreteScheduler
 from verl_diffusion_rollout.sde import randn_per_sample
@@ -115,14 +115,14 @@ def test_progress_bar_and_bad_generators():
 @pytest.mark.parametrize("family", ["qwenimage", "sd3"])
 def test_both_diffusers_pipelines_run_the_shared_loop(family, request, monkeypatch):
     engine = request.getfixturevalue("engine" if family == "qwenimage" else "sd3_engine")
-    module = qwenimage if family == "qwenimage" else sd3
     seen = []
+    shared = loop.denoise_loop
 
     def spy(*args, **kwargs):
         seen.append(kwargs["window_seed"])
-        return loop.denoise_loop(*args, **kwargs)
+        return shared(*args, **kwargs)
 
-    monkeypatch.setattr(module, "denoise_loop", spy)
+    monkeypatch.setattr(loop, "denoise_loop", spy)
     sampling = DiffusionSamplingConfig(height=64, width=64, num_steps=2, max_sequence_length=16)
     batch = engine.generate(["a red cat"], seeds=[9], sampling=sampling, window_seed=4)
     assert seen == [4] and batch.family == family and batch.num_steps == 2

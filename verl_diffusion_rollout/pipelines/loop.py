@@ -290,3 +290,89 @@ def rollout_batch(
         family=family,
         **{key: None if value is None else value.cpu() for key, value in env.items()},
     )
+
+
+# -- the pipelines' shared stages ---------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_rollout(
+    pipe: Any,
+    prompt: str | Sequence[str],
+    seeds: Sequence[int],
+    sampling: DiffusionSamplingConfig,
+    *,
+    window_seed: int | None,
+    latents: torch.Tensor | None,
+    cancel: Callable[[], bool] | None,
+) -> RolloutBatch:
+    """A log-prob pipeline's ``__call__``: check, encode, denoise, decode, package (any family).
+
+    ``pipe`` provides ``check_rollout_inputs``, ``encode_denoising_env``, ``denoise``, ``decode_latents``,
+    ``family`` and ``_execution_device``; returns the :class:`RolloutBatch` with per-stage timings.
+    """
+    start = time.perf_counter()
+    # 1. Check inputs
+    prompts = pipe.check_rollout_inputs(prompt, seeds, sampling, latents)
+    device = pipe._execution_device
+    # 2. Encode prompts: each distinct prompt once, whatever the group size
+    env = pipe.encode_denoising_env(prompts, sampling, device)
+    _sync(device)
+    encode_s = time.perf_counter() - start
+    # 3-6. Latents, timesteps, SDE window, denoising loop
+    trajectory = pipe.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents, cancel=cancel)
+    # 7. Decode, all samples in one VAE batch
+    decode_start = time.perf_counter()
+    images = pipe.decode_latents(trajectory.final, sampling.height, sampling.width)
+    decode_s = time.perf_counter() - decode_start
+    timings = {
+        "encode_s": encode_s,
+        "denoise_s": trajectory.seconds,
+        "decode_s": decode_s,
+        "total_s": time.perf_counter() - start,
+    }
+    return rollout_batch(
+        trajectory, images, env, family=pipe.family.name, seeds=seeds, prompts=prompts, sampling=sampling,
+        timings=timings,
+    )
+
+
+def denoise_encoded(
+    pipe: Any,
+    env: Mapping[str, torch.Tensor | None],
+    seeds: Sequence[int],
+    sampling: DiffusionSamplingConfig,
+    *,
+    image_seq_len: Callable[[torch.Tensor], int],
+    window_seed: int | None,
+    latents: torch.Tensor | None,
+    cancel: Callable[[], bool] | None,
+) -> Trajectory:
+    """A log-prob pipeline's ``denoise``: initial noise from the seeds, the family's conditioning, the request's
+    scheduler (shifted for ``image_seq_len(x)`` image tokens) and :func:`denoise_loop` (any family)."""
+    device = pipe._execution_device
+    generators = per_sample_generators(seeds)
+    if latents is None:
+        latents = pipe.prepare_rollout_latents(generators, sampling.height, sampling.width, device)
+    x = latents.to(device=device, dtype=torch.float32)
+    cond = pipe.family.condition(
+        env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=pipe.transformer.dtype,
+        height=sampling.height, width=sampling.width, latent_shape=x.shape,
+    )
+    scheduler = pipe.request_scheduler(sampling.num_steps, image_seq_len=image_seq_len(x), device=device)
+    with attention_backend(pipe.attention_backend, device):
+        return denoise_loop(
+            lambda xt, t: pipe.family.velocity(pipe.transformer, xt, t, cond),
+            x,
+            scheduler,
+            generators,
+            sampling,
+            window_seed=int(seeds[0]) if window_seed is None else int(window_seed),
+            cancel=cancel,
+            stochastic_steps_with_grad=pipe.stochastic_steps_with_grad,
+            progress_bar=pipe.progress_bar,
+        )

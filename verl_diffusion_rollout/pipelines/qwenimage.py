@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +33,8 @@ from .loop import (
     DenoisingFamily,
     Trajectory,
     attention_backend,
-    denoise_loop,
-    per_sample_generators,
-    rollout_batch,
+    denoise_encoded,
+    run_rollout,
 )
 
 __all__ = [
@@ -176,11 +174,6 @@ def predict_velocity(
         return_dict=False,
     )[0]
     return _apply_true_cfg(cond, uncond, text.guidance_scale)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def patch_factor(height: int, width: int, num_tokens: int) -> int:
@@ -332,35 +325,9 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         Returns:
             A :class:`RolloutBatch` with CPU tensors.
         """
-        sampling = sampling or DiffusionSamplingConfig()
-        start = time.perf_counter()
-
-        # 1. Check inputs
-        prompts = self.check_rollout_inputs(prompt, seeds, sampling, latents)
-        device = self._execution_device
-
-        # 2. Encode prompts: each distinct prompt once, whatever the group size
-        env = self.encode_denoising_env(prompts, sampling, device)
-        _sync(device)
-        encode_s = time.perf_counter() - start
-
-        # 3-6. Latents, timesteps, SDE window, denoising loop
-        trajectory = self.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents, cancel=cancel)
-
-        # 7. Decode, all samples in one VAE batch
-        decode_start = time.perf_counter()
-        images = self.decode_latents(trajectory.final, sampling.height, sampling.width)
-        decode_s = time.perf_counter() - decode_start
-
-        timings = {
-            "encode_s": encode_s,
-            "denoise_s": trajectory.seconds,
-            "decode_s": decode_s,
-            "total_s": time.perf_counter() - start,
-        }
-        return rollout_batch(
-            trajectory, images, env, family=self.family.name, seeds=seeds, prompts=prompts, sampling=sampling,
-            timings=timings,
+        return run_rollout(
+            self, prompt, seeds, sampling or DiffusionSamplingConfig(), window_seed=window_seed, latents=latents,
+            cancel=cancel,
         )
 
     @torch.no_grad()
@@ -383,28 +350,10 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         Returns:
             A :class:`Trajectory` with CPU tensors (``final`` on the device).
         """
-        device = self._execution_device
-        generators = per_sample_generators(seeds)
-        if latents is None:
-            latents = self.prepare_rollout_latents(generators, sampling.height, sampling.width, device)
-        x = latents.to(device=device, dtype=torch.float32)
-        cond = self.family.condition(
-            env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=self.transformer.dtype,
-            height=sampling.height, width=sampling.width, latent_shape=x.shape,
+        return denoise_encoded(
+            self, env, seeds, sampling, image_seq_len=lambda x: x.shape[1], window_seed=window_seed, latents=latents,
+            cancel=cancel,
         )
-        scheduler = self.request_scheduler(sampling.num_steps, image_seq_len=x.shape[1], device=device)
-        with attention_backend(self.attention_backend, device):
-            return denoise_loop(
-                lambda xt, t: self.family.velocity(self.transformer, xt, t, cond),
-                x,
-                scheduler,
-                generators,
-                sampling,
-                window_seed=int(seeds[0]) if window_seed is None else int(window_seed),
-                cancel=cancel,
-                stochastic_steps_with_grad=self.stochastic_steps_with_grad,
-                progress_bar=self.progress_bar,
-            )
 
     # -- stages -------------------------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ CLIP-L, CLIP-G, T5, ``AutoencoderKL``; same ``from_pretrained``) whose ``__call_
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
-from .loop import DenoisingFamily, Trajectory, attention_backend, denoise_loop, per_sample_generators, rollout_batch
+from .loop import DenoisingFamily, Trajectory, denoise_encoded, run_rollout
 
 __all__ = [
     "StableDiffusion3LogProbPipeline",
@@ -269,36 +268,9 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         Returns:
             A :class:`RolloutBatch` with CPU tensors (``family == "sd3"``).
         """
-        sampling = sampling or DiffusionSamplingConfig()
-        start = time.perf_counter()
-
-        # 1. Check inputs
-        prompts = self.check_rollout_inputs(prompt, seeds, sampling, latents)
-        device = self._execution_device
-
-        # 2. Encode prompts: each distinct prompt once, whatever the group size
-        env = self.encode_denoising_env(prompts, sampling, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        encode_s = time.perf_counter() - start
-
-        # 3-6. Latents, timesteps, SDE window, denoising loop
-        trajectory = self.denoise(env, seeds, sampling, window_seed=window_seed, latents=latents, cancel=cancel)
-
-        # 7. Decode, all samples in one VAE batch
-        decode_start = time.perf_counter()
-        images = self.decode_latents(trajectory.final, sampling.height, sampling.width)
-        decode_s = time.perf_counter() - decode_start
-
-        timings = {
-            "encode_s": encode_s,
-            "denoise_s": trajectory.seconds,
-            "decode_s": decode_s,
-            "total_s": time.perf_counter() - start,
-        }
-        return rollout_batch(
-            trajectory, images, env, family=self.family.name, seeds=seeds, prompts=prompts, sampling=sampling,
-            timings=timings,
+        return run_rollout(
+            self, prompt, seeds, sampling or DiffusionSamplingConfig(), window_seed=window_seed, latents=latents,
+            cancel=cancel,
         )
 
     @torch.no_grad()
@@ -318,31 +290,15 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             env: the denoising environment as :meth:`encode_denoising_env` returns it (on the device).
             seeds, sampling, window_seed, latents, cancel: as in :meth:`__call__`.
         """
-        device = self._execution_device
-        generators = per_sample_generators(seeds)
-        if latents is None:
-            latents = self.prepare_rollout_latents(generators, sampling.height, sampling.width, device)
-        x = latents.to(device=device, dtype=torch.float32)
-        cond = self.family.condition(
-            env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=self.transformer.dtype,
-            height=sampling.height, width=sampling.width, latent_shape=x.shape,
+        return denoise_encoded(
+            self, env, seeds, sampling, image_seq_len=self._image_seq_len, window_seed=window_seed, latents=latents,
+            cancel=cancel,
         )
+
+    def _image_seq_len(self, latents: torch.Tensor) -> int:
+        """Image tokens of ``[B, C, h, w]`` latents after the transformer's patching (the scheduler's shift input)."""
         patch = self.transformer.config.patch_size
-        scheduler = self.request_scheduler(
-            sampling.num_steps, image_seq_len=(x.shape[2] // patch) * (x.shape[3] // patch), device=device
-        )
-        with attention_backend(self.attention_backend, device):
-            return denoise_loop(
-                lambda xt, t: self.family.velocity(self.transformer, xt, t, cond),
-                x,
-                scheduler,
-                generators,
-                sampling,
-                window_seed=int(seeds[0]) if window_seed is None else int(window_seed),
-                cancel=cancel,
-                stochastic_steps_with_grad=self.stochastic_steps_with_grad,
-                progress_bar=self.progress_bar,
-            )
+        return (latents.shape[2] // patch) * (latents.shape[3] // patch)
 
     # -- stages -------------------------------------------------------------------------------------------------
 
