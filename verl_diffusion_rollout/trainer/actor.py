@@ -206,7 +206,15 @@ class FlowGRPOActor:
         max_diff = torch.zeros((), dtype=torch.float32, device=device)
         grad_norms: list[torch.Tensor] = []
         count = 0
-        old = self._recompute_old_log_probs(steps) if cfg.recompute_old_log_probs else None
+        replayers: dict[int, StepReplayer] = {}  # the conditioning of each forward batch, prepared once
+
+        def replayer_for(fb: int) -> StepReplayer:
+            if fb not in replayers:
+                replayers[fb] = StepReplayer(self._batches[fb], device, self.dtype,
+                                             attention=self.config.rollout.attention_backend)
+            return replayers[fb]
+
+        old = self._recompute_old_log_probs(steps, replayer_for) if cfg.recompute_old_log_probs else None
         allreduce_s = switch_s = 0.0
         with self.engine.modify_weights():
             for epoch in range(cfg.ppo_epochs):
@@ -219,7 +227,7 @@ class FlowGRPOActor:
                         if not bool(keep[rows].any()):
                             continue
                         batch = self._batches[fb]
-                        replayer = StepReplayer(batch, device, self.dtype, attention=self.config.rollout.attention_backend)
+                        replayer = replayer_for(fb)
                         sample_weight = weight / (mini.kept * len(steps))
                         adv = advantages[rows]
                         for i in steps:
@@ -280,11 +288,13 @@ class FlowGRPOActor:
                     acc.add_(p.grad.reshape(-1))
                     p.grad = None
 
-    def _recompute_old_log_probs(self, steps: list[int]) -> list[dict[int, torch.Tensor]]:
+    def _recompute_old_log_probs(
+        self, steps: list[int], replayer_for: Callable[[int], StepReplayer]
+    ) -> list[dict[int, torch.Tensor]]:
         """Old log-probs from a replay before the update (autograd on, as the update runs, then discarded)."""
         old = []
-        for batch in self._batches:
-            replayer = StepReplayer(batch, self.device, self.dtype, attention=self.config.rollout.attention_backend)
+        for fb in range(len(self._batches)):
+            replayer = replayer_for(fb)
             with torch.enable_grad():
                 old.append({i: replayer.step(self.transformer, i).log_prob.detach() for i in steps})
         return old
