@@ -232,10 +232,15 @@ def _fixed_seed_output(stack) -> torch.Tensor:
         return client.generate(PROMPTS[:1], seeds=[3]).all_latents
 
 
+def _weights(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in engine.transformer.named_parameters()}
+
+
 def test_wrong_embeddings_are_refused_422_naming_the_key_and_nothing_changes(stacks):
     stack = stacks["sd3"]
     urls, denoiser = stack["urls"], stack["engines"][Role.DENOISER]
     before, version, rng = _fixed_seed_output(stack), denoiser.weight_version, denoiser._rng.getstate()
+    weights = _weights(denoiser)
     env = post(urls[Role.ENCODER], "/rollout/encode", {"prompts": PROMPTS}).json()["env"]
     good = {k: tensor_from_json(v) for k, v in env.items()}
     width = good["prompt_embeds"].shape[2]
@@ -260,12 +265,14 @@ def test_wrong_embeddings_are_refused_422_naming_the_key_and_nothing_changes(sta
     r = post(urls[Role.DENOISER], "/rollout/generate", {"env": {**env, "latents": env["prompt_embeds"]}, "prompts": PROMPTS})
     assert r.status_code == 422 and "unknown keys ['latents']" in r.json()["detail"]
     assert denoiser.weight_version == version and denoiser._rng.getstate() == rng
+    assert all(torch.equal(w, _weights(denoiser)[n]) for n, w in weights.items())
     assert torch.equal(_fixed_seed_output(stack), before)
 
 
 def test_requests_a_role_cannot_serve_get_400_naming_the_role(stacks):
     stack = stacks["qwenimage"]
     urls, engines = stack["urls"], stack["engines"]
+    before, weights = _fixed_seed_output(stack), _weights(engines[Role.DENOISER])
     latents = tensor_to_json(torch.zeros(1, 64, 16))
     cases = [
         (Role.DENOISER, "/rollout/generate", {"prompts": ["a cat"]}, "'denoiser' role", "cannot generate from prompts"),
@@ -279,11 +286,13 @@ def test_requests_a_role_cannot_serve_get_400_naming_the_role(stacks):
     r = httpx.post(urls[Role.ENCODER] + "/update_weights", json={"tensors": {"x": tensor_to_json(torch.zeros(1))}},
                    headers=AUTH)
     assert r.status_code == 400 and "'encoder' role" in r.json()["detail"]
-    assert all(e.weight_version == 0 for e in engines.values())
     with pytest.raises(RoleMismatch, match="'decoder' role"):
         engines[Role.DECODER].generate(["a cat"])
     with pytest.raises(RoleMismatch, match="'encoder' role"):
         engines[Role.ENCODER].attach_trainer()
+    assert all(e.weight_version == 0 for e in engines.values()) and not engines[Role.ENCODER]._trainer_attached
+    assert all(torch.equal(w, _weights(engines[Role.DENOISER])[n]) for n, w in weights.items())
+    assert torch.equal(_fixed_seed_output(stack), before)
     assert httpx.get(urls[Role.DENOISER] + "/health").status_code == 200
 
 
