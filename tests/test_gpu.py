@@ -222,3 +222,20 @@ def test_cuda_resume_continues_exactly(tiny_model_path, tmp_path, dtype):
     assert step4_resumed["reward_std"] == pytest.approx(step4_full["reward_std"], rel=5e-2, abs=1e-3)
     assert step4_resumed["policy_loss"] == pytest.approx(step4_full["policy_loss"], abs=1e-6)
     assert step4_resumed["grad_norm"] == pytest.approx(step4_full["grad_norm"], rel=5e-2)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_role_chain_equals_monolithic_bf16(tiny_model_path, compile):
+    """Encoder -> denoiser -> decoder engines on the GPU in bf16 give the monolithic engine's tensors exactly."""
+    kwargs = dict(device="cuda", dtype=torch.bfloat16, compile=compile)
+    mono = DiffusersEngine(tiny_model_path, **kwargs)
+    encoder, denoiser, decoder = (DiffusersEngine(tiny_model_path, role=r, **kwargs)
+                                  for r in ("encoder", "denoiser", "decoder"))
+    whole = mono.generate(PROMPTS, n=2, sampling=SAMPLING, seeds=[1, 2, 3, 4])
+    env = encoder.encode(PROMPTS, SAMPLING)
+    denoised = denoiser.denoise(env, PROMPTS, seeds=[1, 2, 3, 4], sampling=SAMPLING, n=2)
+    chained = denoised.with_images(decoder.decode(denoised.final_latents, SAMPLING))
+    expected, got = whole.to_dict(), chained.to_dict()
+    assert set(expected) == set(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
