@@ -11,7 +11,7 @@ key                                shape, dtype                 meaning
 ``all_timesteps``                  [B, T] fp32                  scheduler timesteps (sigma * 1000)
 ``all_sigmas``                     [B, T+1] fp32                the sigma schedule, final 0 included
 ``rollout_log_probs``              [B, T] fp32                  per-step log-prob, 0 where not stochastic
-``sde_mask``                       [B, T] bool                  which steps were stochastic
+``sde_mask``                       [B, T] bool                  which steps were stochastic, per sample
 ``prompt_embeds``                  [B, S, E] model dtype        text embeddings the transformer saw
 ``prompt_embeds_mask``             [B, S] int64                 1 for real tokens
 ``negative_prompt_embeds(_mask)``  [B, S', E] / [B, S']         present when CFG is on
