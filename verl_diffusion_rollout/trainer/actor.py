@@ -10,8 +10,9 @@ gradients are summed across workers before every optimizer step.
 Exactness: the rollout samples in forward batches of ``actor.micro_batch_size`` samples and the update replays
 exactly those batches through the same module, with autograd enabled in both, so the first pass of the update
 reproduces the rollout's log-probs bit for bit. Each sample trains on the steps its ``sde_mask`` marks stochastic,
-its loss averaged over them (:func:`~verl_diffusion_rollout.trainer.loss.sample_step_weights`). Gradients of each forward batch are folded into float64
-accumulators, so their sum (over micro-batches and workers) does not depend on how the batches were spread.
+its loss averaged over them (:func:`~verl_diffusion_rollout.trainer.loss.sample_step_weights`). Gradients of each
+forward batch are folded into float64 accumulators, so their sum (over micro-batches and workers) does not depend
+on how the batches were spread.
 """
 
 from __future__ import annotations
