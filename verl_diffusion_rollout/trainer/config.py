@@ -11,7 +11,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..config import DiffusionModelConfig, DiffusionRolloutConfig
+from ..config import DiffusionModelConfig, DiffusionRolloutConfig, attention_heads, check_heads
 from .rewards import check_reward_config
 
 __all__ = ["ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"]
@@ -66,6 +66,9 @@ class ActorConfig:
     batch of one optimizer step.
     ``recompute_old_log_probs``: take the ratio's old log-probs from a replay before the update (verl's PPO does
     this) instead of the rollout's; they are equal here, so it only costs one forward per trained step.
+    ``ulysses_sequence_parallel_size`` (verl's key; the rollout follows it): S workers share every transformer
+    forward, each holding 1/S of the text and image tokens and H/S of the attention heads (Ulysses); it divides the
+    worker count and the transformer's heads. The workers form ``world / S`` data-parallel groups of S.
     """
 
     lr: float = 3e-4
@@ -81,6 +84,7 @@ class ActorConfig:
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
     recompute_old_log_probs: bool = False
+    ulysses_sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         key = "actor_rollout_ref.actor."
@@ -101,6 +105,7 @@ class ActorConfig:
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key}{name} must be >= 0, got {value!r}")
         _check_int(f"{key}ppo_epochs", self.ppo_epochs, 1)
+        _check_int(f"{key}ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size, 1)
         for name in ("mini_batch_size", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(f"{key}{name}", getattr(self, name), 1)
@@ -226,6 +231,11 @@ class FlowGRPOConfig:
     def prompts_per_step(self) -> int:
         return self.data.samples_per_step // self.rollout.n
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: the workers over the sequence-parallel size."""
+        return self.trainer.world_size // self.actor.ulysses_sequence_parallel_size
+
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> FlowGRPOConfig:
         """Validate and convert; every error names its key and fires before any model is loaded."""
@@ -281,12 +291,21 @@ class FlowGRPOConfig:
             raise ValueError(
                 f"data.samples_per_step={samples} must be a multiple of actor_rollout_ref.actor.micro_batch_size={micro}"
             )
-        world = trainer.world_size
-        if (samples // unit) % world:
+        world, sp = trainer.world_size, actor.ulysses_sequence_parallel_size
+        if world % sp:
+            raise ValueError(
+                f"trainer.nnodes x trainer.n_gpus_per_node = {world} workers do not split into sequence-parallel "
+                f"groups of actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}"
+            )
+        if sp > 1:
+            check_heads(sp, attention_heads(str(model_path)), "actor_rollout_ref.actor.ulysses_sequence_parallel_size")
+        groups = world // sp
+        if (samples // unit) % groups:
+            where = f"{world} workers" if sp == 1 else f"{groups} data-parallel groups ({world} workers / {sp})"
             raise ValueError(
                 f"data.samples_per_step={samples} makes {samples // unit} pieces of {unit} samples (whole groups of "
                 f"{n}, whole forward batches of {micro}), which do not split evenly over "
-                f"trainer.nnodes x trainer.n_gpus_per_node = {world} workers"
+                f"trainer.nnodes x trainer.n_gpus_per_node = {where}"
             )
         mini = actor.mini_batch_size or samples
         if mini % unit or samples % mini:
