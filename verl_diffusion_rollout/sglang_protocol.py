@@ -186,8 +186,7 @@ def _merge_extra(req: SglangRolloutRequest) -> tuple[SglangRolloutRequest, dict[
     None value means the field's default); keys of :data:`OWN_EXTRA_KEYS` become sampling overrides."""
     extra = dict(req.extra_sampling_params or {})
     own = {key: extra.pop(key) for key in sorted(set(extra) & OWN_EXTRA_KEYS)}
-    overridable = SGLANG_KEYS - {"extra_sampling_params", "rollout"}
-    unknown = sorted(set(extra) - overridable - {"rollout"})
+    unknown = sorted(set(extra) - (SGLANG_KEYS - {"extra_sampling_params"}))
     if unknown:
         raise ValueError(
             f"extra_sampling_params has keys {unknown} that are neither RolloutRequest fields nor this server's own "
