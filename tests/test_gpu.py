@@ -224,6 +224,39 @@ def test_cuda_resume_continues_exactly(tiny_model_path, tmp_path, dtype):
     assert step4_resumed["grad_norm"] == pytest.approx(step4_full["grad_norm"], rel=5e-2)
 
 
+def test_cuda_sglang_protocol(tiny_model_path):
+    """sglang's protocol on a bf16 CUDA engine: msgpack answers equal to the native schema's, peak memory reported,
+    and the weights' checksum unchanged by a release/resume of the GPU memory."""
+    import httpx
+    import msgpack
+
+    from verl_diffusion_rollout.server import serve_in_thread
+    from test_sglang_protocol import decode
+
+    engine = DiffusersEngine(tiny_model_path, device="cuda", dtype=torch.bfloat16)
+    server, address = serve_in_thread(engine, sampling=SAMPLING)
+    body = {"prompt": PROMPTS[0], "seed": 7, "num_outputs_per_prompt": 2, "width": 64, "height": 64,
+            "num_inference_steps": 6, "rollout_sde_step_indices": [1, 3], "rollout_noise_level": 0.9,
+            "rollout_return_dit_trajectory": True}
+    try:
+        with httpx.Client(base_url=f"http://{address}", timeout=300) as client:
+            r = client.post("/rollout/generate", json=body, headers={"Accept": "application/msgpack"})
+            assert r.status_code == 200, r.text
+            answer = decode(msgpack.unpackb(r.content, raw=False), binary=True)
+            native = engine.generate([PROMPTS[0]], seeds=[7, 8], n=2, sampling=SAMPLING)
+            for b, response in enumerate(answer):
+                assert response["peak_memory_mb"] > 0
+                assert torch.equal(response["rollout_log_probs"], native.rollout_log_probs[b])
+                assert torch.equal(response["dit_trajectory"]["latents"], native.all_latents[b])
+            before = client.post("/get_weights_checksum", json={"module_names": ["transformer"]}).json()
+            assert client.post("/release_memory_occupation").json()["sleeping"] is True
+            assert client.post("/resume_memory_occupation").json()["sleeping"] is False
+            assert client.post("/get_weights_checksum", json={"module_names": ["transformer"]}).json() == before
+            print(f"sglang protocol on CUDA: peak_memory_mb={answer[0]['peak_memory_mb']:.0f}")
+    finally:
+        server.stop()
+
+
 # -- sequence parallelism over NCCL (2 GPUs) ------------------------------------------------------------------------
 
 

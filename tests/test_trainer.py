@@ -92,6 +92,8 @@ def test_clipped_loss_matches_its_definition():
         (["trainer.n_gpus_per_node=3"], ValueError, "do not split evenly over"),
         (["actor_rollout_ref.rollout.engine=vllm_omni"], ValueError, "engine=diffusers"),
         (["data.samples_per_step=0"], ValueError, "data.samples_per_step must be an int >= 1, got 0"),
+        (["+actor_rollout_ref.actor.kl_convention=flow_grpo"], ValueError,
+         r"actor_rollout_ref.actor.kl_convention must be one of \['flowgrpo', 'exact'\], got 'flow_grpo'"),
         (["data.prompts=null", "data.train_files=/no/prompts.txt"], FileNotFoundError, "data.train_files"),
     ],
 )
@@ -237,6 +239,7 @@ def test_sd35m_recipe_composes_with_flowgrpos_settings(tiny_sd3_model_path, tmp_
     assert config.model.lora_rank == 32 and config.model.lora_alpha == 64
     assert "attn.to_q" in config.model.target_modules and "attn2.to_q" not in config.model.target_modules
     assert config.actor.lr == 3e-4 and config.actor.clip_range == 1e-4 and config.actor.kl_beta == 0.04
+    assert config.actor.kl_convention == "flowgrpo"  # FlowGRPO's beta on FlowGRPO's term
     assert list(config.reward.functions) == ["pickscore"]
 
 

@@ -11,7 +11,7 @@ key                                shape, dtype                 meaning
 ``all_timesteps``                  [B, T] fp32                  scheduler timesteps (sigma * 1000)
 ``all_sigmas``                     [B, T+1] fp32                the sigma schedule, final 0 included
 ``rollout_log_probs``              [B, T] fp32                  per-step log-prob, 0 where not stochastic
-``sde_mask``                       [B, T] bool                  which steps were stochastic
+``sde_mask``                       [B, T] bool                  which steps were stochastic, per sample
 ``prompt_embeds``                  [B, S, E] model dtype        text embeddings the transformer saw
 ``prompt_embeds_mask``             [B, S] int64                 1 for real tokens
 ``negative_prompt_embeds(_mask)``  [B, S', E] / [B, S']         present when CFG is on
@@ -31,7 +31,7 @@ and ``noise_std`` [B, T] fp32 (zeros at deterministic steps).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "pad_tokens",
     "stack_padded",
     "cat_padded",
+    "WINDOW_FIELDS",
 ]
 
 # Text inputs with a token axis (dim 1): right-padded with zeros (mask 0) when batches of different lengths meet.
@@ -76,6 +77,27 @@ CONTRACT_KEYS: tuple[str, ...] = (
     "seeds",
 )
 DEBUG_KEYS: tuple[str, ...] = ("prev_sample_mean", "noise_std", "variance_noise", "model_output")
+# Sampling fields that only say how the SDE window was chosen. Its outcome is recorded per sample in ``sde_mask``,
+# which is what the trainer replays, so batches that differ only in these concatenate.
+WINDOW_FIELDS: tuple[str, ...] = ("sde_window", "sde_window_size", "sde_window_range")
+
+
+def _sampling_differences(first: DiffusionSamplingConfig, other: DiffusionSamplingConfig) -> list[str]:
+    """Fields (other than :data:`WINDOW_FIELDS`) in which two sampling configs differ, as ``name (a vs b)``.
+
+    ``log_prob_no_const`` is compared resolved (``None`` means FlowGRPO's convention for the ``sde_type``).
+    """
+    out = []
+    for f in fields(first):
+        if f.name in WINDOW_FIELDS or f.name == "_target_":
+            continue
+        if f.name == "log_prob_no_const":
+            a, b = first.resolved_log_prob_no_const(), other.resolved_log_prob_no_const()
+        else:
+            a, b = getattr(first, f.name), getattr(other, f.name)
+        if a != b:
+            out.append(f"sampling.{f.name} ({a!r} vs {b!r})")
+    return out
 
 
 def infer_family(tensors: dict[str, Any]) -> str:
@@ -212,14 +234,28 @@ class RolloutBatch:
     def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
         """Samples of several batches in one; prompt embeddings are right-padded (mask 0) to the longest.
 
-        All batches must share the sampling config. Padding is exact for the transformer (padded tokens are
-        masked), though a padded batch may round differently from its parts.
+        The batches must agree on everything the replay depends on: every sampling field except the window fields
+        (:data:`WINDOW_FIELDS`), the model family, and whether negative embeddings are present; otherwise
+        ``ValueError`` names what differs. Their SDE windows may differ: each sample keeps its own ``sde_mask`` row,
+        which the trainer replays per sample; the result's sampling config then records the union of the windows
+        as ``sde_window``. Padding is exact for the transformer (padded tokens are masked), though a padded batch
+        may round differently from its parts.
         """
         if not batches:
             raise ValueError("concat needs at least one batch")
         first = batches[0]
-        if any(b.sampling != first.sampling for b in batches[1:]):
-            raise ValueError("cannot concat rollout batches sampled with different configs")
+        for n, b in enumerate(batches[1:], start=1):
+            differences = _sampling_differences(first.sampling, b.sampling)
+            if differences:
+                raise ValueError(
+                    f"cannot concat rollout batches sampled with different configs: batch {n} differs from batch 0 "
+                    f"in {', '.join(differences)}"
+                )
+        sampling = first.sampling
+        windows = {tuple(repr(getattr(b.sampling, k)) for k in WINDOW_FIELDS) for b in batches}
+        if len(windows) > 1:
+            union = torch.cat([b.sde_mask for b in batches]).any(dim=0).nonzero().flatten().tolist()
+            sampling = sampling.replace(sde_window=union or None, sde_window_size=0, sde_window_range=None)
         families = sorted({b.family for b in batches})
         if len(families) > 1:
             raise ValueError(f"cannot concat rollout batches of different model families {families}")
@@ -231,7 +267,7 @@ class RolloutBatch:
         return RolloutBatch.from_dict(
             tensors,
             [p for b in batches for p in b.prompts],
-            first.sampling,
+            sampling,
             weight_version=min(b.weight_version for b in batches),
             timings=timings,
             family=first.family,

@@ -28,6 +28,7 @@ class FlowMatchSDESchedulerOutput(BaseOutput):
     log_prob: torch.Tensor
     prev_sample_mean: torch.Tensor
     std_dev: torch.Tensor
+    std_dev_t: torch.Tensor
     noise: torch.Tensor | None = None
 
 
@@ -88,7 +89,8 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
             sample: ``[B, ...]`` current latent.
             sde_type, noise_level, noise, generator, prev_sample, log_prob_no_const: as in
                 :func:`verl_diffusion_rollout.sde.sde_step_with_logprob`.
-            return_dict: return a :class:`FlowMatchSDESchedulerOutput` (default) or a tuple.
+            return_dict: return a :class:`FlowMatchSDESchedulerOutput` (default) or the tuple
+                ``(prev_sample, log_prob, prev_sample_mean, std_dev, noise, std_dev_t)``.
         """
         if unsupported.get("per_token_timesteps") is not None or self.config.stochastic_sampling:
             raise ValueError(
@@ -117,11 +119,12 @@ class FlowMatchSDEDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
         )
         self._step_index += 1
         if not return_dict:
-            return (out.prev_sample, out.log_prob, out.prev_sample_mean, out.std_dev, out.noise)
+            return (out.prev_sample, out.log_prob, out.prev_sample_mean, out.std_dev, out.noise, out.std_dev_t)
         return FlowMatchSDESchedulerOutput(
             prev_sample=out.prev_sample,
             log_prob=out.log_prob,
             prev_sample_mean=out.prev_sample_mean,
             std_dev=out.std_dev,
+            std_dev_t=out.std_dev_t,
             noise=out.noise,
         )

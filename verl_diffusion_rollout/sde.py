@@ -47,6 +47,9 @@ class SDEStep:
         prev_sample_mean: ``[B, ...]`` the Gaussian's mean (float32; equals ``prev_sample`` for ``ode``).
         std_dev: ``[B]`` float32, the standard deviation of ``prev_sample`` around the mean
             (``std_t * sqrt(-dt)`` for ``sde``, ``std`` for ``cps``, 0 for ``ode``).
+        std_dev_t: ``[B]`` float32, the std as FlowGRPO's ``sde_step_with_logprob`` returns it: ``std_t`` for
+            ``sde`` (without the ``sqrt(-dt)`` factor), ``std`` for ``cps`` (there it equals ``std_dev``), 0 for
+            ``ode``. FlowGRPO's KL to the reference divides by ``2 * std_dev_t**2``.
         noise: ``[B, ...]`` float32 standard-normal noise that was added, or ``None`` when ``prev_sample`` was
             given (replay) or the step is deterministic.
     """
@@ -55,6 +58,7 @@ class SDEStep:
     log_prob: torch.Tensor
     prev_sample_mean: torch.Tensor
     std_dev: torch.Tensor
+    std_dev_t: torch.Tensor
     noise: torch.Tensor | None
 
 
@@ -190,7 +194,14 @@ def sde_step_with_logprob(
     if sde_type == "ode":
         prev = _euler_step(model_output, sample, sigma_t, sigma_next_t)
         zeros = torch.zeros(batch, dtype=torch.float32, device=device)
-        return SDEStep(prev_sample=prev, log_prob=zeros, prev_sample_mean=prev, std_dev=zeros.clone(), noise=None)
+        return SDEStep(
+            prev_sample=prev,
+            log_prob=zeros,
+            prev_sample_mean=prev,
+            std_dev=zeros.clone(),
+            std_dev_t=zeros.clone(),
+            noise=None,
+        )
 
     if log_prob_no_const is None:
         log_prob_no_const = default_log_prob_no_const(sde_type)
@@ -212,8 +223,10 @@ def sde_step_with_logprob(
         x0 = x - s * v
         x1 = x + v * (1 - s)
         mean = x0 * (1 - s_next) + x1 * torch.sqrt(s_next**2 - std**2)
+        std_t = std
 
     std = std.expand(batch, *([1] * (ndim - 1))) if std.ndim == 0 else std
+    std_t = std_t.expand(batch, *([1] * (ndim - 1))) if std_t.ndim == 0 else std_t
     drawn = None
     if prev_sample is None:
         if noise is None:
@@ -242,5 +255,6 @@ def sde_step_with_logprob(
         log_prob=log_prob,
         prev_sample_mean=mean,
         std_dev=std.reshape(batch),
+        std_dev_t=std_t.reshape(batch),
         noise=drawn,
     )

@@ -29,6 +29,7 @@ from ..lora_sync import (
 from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
 from ..scheduler import FlowMatchSDEDiscreteScheduler
+from ..serialization import weights_sha256
 from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
 
 __all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
@@ -304,6 +305,17 @@ class DiffusersEngine(DiffusionEngine):
             if self.device.type != "cpu":
                 self._move_to(self.device)
             self._sleeping = False
+
+    def weights_checksum(self, module_names: Sequence[str] | None = None) -> dict[str, str]:
+        """SHA-256 of the live parameters of the pipeline's modules (``transformer``, ``vae``, ``text_encoder``...),
+        merged LoRA included, taken under the read lock so no update lands halfway."""
+        with self._lock.read():
+            modules = {name: m for name, m in self.pipe.components.items() if isinstance(m, torch.nn.Module)}
+            names = list(modules) if module_names is None else list(module_names)
+            return {
+                name: weights_sha256(modules[name].named_parameters()) if name in modules else "not_found"
+                for name in names
+            }
 
     def _move_to(self, device: torch.device) -> None:
         self.pipe.to(device)

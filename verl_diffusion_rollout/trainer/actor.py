@@ -9,8 +9,10 @@ gradients are summed across workers before every optimizer step.
 
 Exactness: the rollout samples in forward batches of ``actor.micro_batch_size`` samples and the update replays
 exactly those batches through the same module, with autograd enabled in both, so the first pass of the update
-reproduces the rollout's log-probs bit for bit. Gradients of each forward batch are folded into float64
-accumulators, so their sum (over micro-batches and workers) does not depend on how the batches were spread.
+reproduces the rollout's log-probs bit for bit. Each sample trains on the steps its ``sde_mask`` marks stochastic,
+its loss averaged over them (:func:`~verl_diffusion_rollout.trainer.loss.sample_step_weights`). Gradients of each
+forward batch are folded into float64 accumulators, so their sum (over micro-batches and workers) does not depend
+on how the batches were spread.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from verl import DataProto
 from ..contract import RolloutBatch
 from ..rollout import from_data_proto
 from .config import FlowGRPOConfig
-from .loss import flowgrpo_step_loss, gaussian_kl
+from .loss import flowgrpo_step_loss, gaussian_kl, sample_step_weights
 from .policy import SharedPolicy
 from .replay import StepReplayer, trainable_steps
 from .rewards import AsyncRewardRunner
@@ -196,9 +198,10 @@ class FlowGRPOActor:
         if advantages.shape != (len(self._batches) * self.micro,) or keep.shape != advantages.shape:
             raise ValueError(f"advantages {tuple(advantages.shape)} / keep {tuple(keep.shape)} do not match the "
                              f"{len(self._batches) * self.micro} samples of this worker's rollout")
-        steps = trainable_steps(self._batches[0]) if self._batches else []
+        # Each forward batch trains its own stochastic steps, and each sample only those it was sampled with.
+        steps = [trainable_steps(b) for b in self._batches]
         result = UpdateResult(weight_version=self.engine.weight_version)
-        if not steps or not any(p.kept for p in plan):
+        if not any(steps) or not any(p.kept for p in plan):
             return result
         start = time.perf_counter()
         device, micro = self.device, self.micro
@@ -226,14 +229,16 @@ class FlowGRPOActor:
                         continue
                     for fb in mini.forward_batches:
                         rows = slice(fb * micro, (fb + 1) * micro)
-                        weight = keep_f[rows]
                         if not bool(keep[rows].any()):
                             continue
                         batch = self._batches[fb]
                         replayer = replayer_for(fb)
-                        sample_weight = weight / (mini.kept * len(steps))
+                        step_weights = sample_step_weights(keep_f[rows], batch.sde_mask, mini.kept)
+                        trained = keep[rows].cpu()[:, None] & batch.sde_mask  # sample-steps in the statistics
+                        stat_weights = trained.to(device, torch.float32)
                         adv = advantages[rows]
-                        for i in steps:
+                        for i in steps[fb]:
+                            weight, sample_weight = stat_weights[:, i], step_weights[:, i]
                             out = replayer.step(self.transformer, i)
                             rollout_lp = batch.rollout_log_probs[:, i].to(device)
                             old_lp = rollout_lp if old is None else old[fb][i]
@@ -241,7 +246,8 @@ class FlowGRPOActor:
                             if cfg.kl_beta > 0:
                                 with torch.no_grad(), self.policy.reference():
                                     ref = replayer.step(self.transformer, i)
-                                kl = gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, out.std_dev)
+                                std = out.std_dev_t if cfg.kl_convention == "flowgrpo" else out.std_dev
+                                kl = gaussian_kl(out.prev_sample_mean, ref.prev_sample_mean, std)
                             loss = flowgrpo_step_loss(out.log_prob, old_lp, adv, cfg.clip_range, kl=kl,
                                                       beta=cfg.kl_beta, sample_weight=sample_weight)
                             loss.loss.backward()
@@ -259,7 +265,7 @@ class FlowGRPOActor:
                                     sums["kl"] += (kl.detach() * weight).sum().double()
                                 if epoch == 0 and m == 0:  # before the first optimizer step: rollout == policy
                                     max_diff = torch.maximum(max_diff, (out.log_prob.detach() - rollout_lp).abs().max())
-                            count += int(keep[rows].sum())
+                            count += int(trained[:, i].sum())
                         self._fold_grads()
                     t0 = time.perf_counter()
                     if self.all_reduce is not None:
@@ -292,14 +298,14 @@ class FlowGRPOActor:
                     p.grad = None
 
     def _recompute_old_log_probs(
-        self, steps: list[int], replayer_for: Callable[[int], StepReplayer]
+        self, steps: list[list[int]], replayer_for: Callable[[int], StepReplayer]
     ) -> list[dict[int, torch.Tensor]]:
         """Old log-probs from a replay before the update (autograd on, as the update runs, then discarded)."""
         old = []
         for fb in range(len(self._batches)):
             replayer = replayer_for(fb)
             with torch.enable_grad():
-                old.append({i: replayer.step(self.transformer, i).log_prob.detach() for i in steps})
+                old.append({i: replayer.step(self.transformer, i).log_prob.detach() for i in steps[fb]})
         return old
 
     # -- state ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ from omegaconf.errors import MissingMandatoryValue
 from ..config import DiffusionModelConfig, DiffusionRolloutConfig, attention_heads, check_heads
 from .rewards import check_reward_config
 
-__all__ = ["ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"]
+__all__ = [
+    "KL_CONVENTIONS", "ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"
+]
+
+# How the KL to the reference is scaled (``actor.kl_convention``): FlowGRPO's term, or the exact transition KL.
+KL_CONVENTIONS: tuple[str, ...] = ("flowgrpo", "exact")
 
 
 def _build(cls, values: dict[str, Any] | None, prefix: str):
@@ -66,6 +71,10 @@ class ActorConfig:
     batch of one optimizer step.
     ``recompute_old_log_probs``: take the ratio's old log-probs from a replay before the update (verl's PPO does
     this) instead of the rollout's; they are equal here, so it only costs one forward per trained step.
+    ``kl_convention`` (with ``kl_beta > 0``): ``flowgrpo`` is FlowGRPO's term, ``mean((mu - mu_ref)**2) /
+    (2 * std_dev_t**2)`` with its ``std_dev_t`` (no ``sqrt(-dt)`` for ``sde``), so FlowGRPO's ``beta`` values mean
+    what they mean there; ``exact`` divides by the transition variance ``(std_dev_t * sqrt(-dt))**2`` instead,
+    the exact KL between the two step Gaussians, ``1 / (-dt)`` times FlowGRPO's for ``sde`` (equal for ``cps``).
     ``ulysses_sequence_parallel_size`` (verl's key; the rollout follows it): S workers share every transformer
     forward, each holding 1/S of the text and image tokens and H/S of the attention heads (Ulysses); it divides the
     worker count and the transformer's heads. The workers form ``world / S`` data-parallel groups of S.
@@ -79,6 +88,7 @@ class ActorConfig:
     adv_clip_max: float = 5.0
     max_grad_norm: float = 1.0
     kl_beta: float = 0.0
+    kl_convention: str = "flowgrpo"
     ppo_epochs: int = 1
     mini_batch_size: Optional[int] = None
     micro_batch_size: Optional[int] = None
@@ -104,6 +114,8 @@ class ActorConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key}{name} must be >= 0, got {value!r}")
+        if self.kl_convention not in KL_CONVENTIONS:
+            raise ValueError(f"{key}kl_convention must be one of {list(KL_CONVENTIONS)}, got {self.kl_convention!r}")
         _check_int(f"{key}ppo_epochs", self.ppo_epochs, 1)
         _check_int(f"{key}ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size, 1)
         for name in ("mini_batch_size", "micro_batch_size"):

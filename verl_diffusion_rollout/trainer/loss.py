@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PolicyLossOutput", "flowgrpo_step_loss", "gaussian_kl"]
+__all__ = ["PolicyLossOutput", "flowgrpo_step_loss", "gaussian_kl", "sample_step_weights"]
 
 
 @dataclass
@@ -30,10 +30,52 @@ class PolicyLossOutput:
     kl: torch.Tensor
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two Gaussians of equal std, per sample: ``mean(|mu - mu_ref|^2) / (2 std^2)`` -> ``[B]``."""
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """FlowGRPO's KL term to the reference policy, per sample: ``mean(|mu - mu_ref|^2) / (2 * std_dev_t^2)``.
+
+    As flow_grpo's ``train_sd3.py`` computes it: the squared difference of the two step means is averaged over
+    every non-batch dimension first, then divided by ``2 * std_dev_t[b]**2`` for each sample ``b`` (the loss then
+    averages over samples). Pass :attr:`~verl_diffusion_rollout.sde.SDEStep.std_dev_t` for FlowGRPO's term; passing
+    :attr:`~verl_diffusion_rollout.sde.SDEStep.std_dev` gives the exact KL between the two transition Gaussians,
+    which is ``1 / (-dt)`` times larger for ``sde`` (the same for ``cps``).
+
+    Args:
+        mean, ref_mean: ``[B, ...]`` float32 step means of the policy (with grad) and of the reference.
+        std_dev_t: ``[B]`` float32 std per sample; where it is 0 (a deterministic step) the term is 0.
+
+    Returns:
+        ``[B]`` float32.
+    """
+    if std_dev_t.shape != mean.shape[:1]:
+        raise ValueError(f"std_dev_t has shape {tuple(std_dev_t.shape)}, expected [{mean.shape[0]}]")
     sq = ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return sq / (2 * std.clamp_min(1e-12) ** 2)
+    stochastic = std_dev_t > 0
+    safe = torch.where(stochastic, std_dev_t, torch.ones_like(std_dev_t))
+    return torch.where(stochastic, sq / (2 * safe**2), torch.zeros_like(sq))
+
+
+def sample_step_weights(keep: torch.Tensor, sde_mask: torch.Tensor, kept: int) -> torch.Tensor:
+    """Loss weight of every sample-step of one forward batch: ``keep[b] * sde_mask[b, i] / (kept * n_b)``.
+
+    ``n_b`` is sample ``b``'s own number of stochastic steps, so each sample's loss is the mean over the steps it
+    was sampled stochastically, and a step that was deterministic for it does not count. When every sample has
+    the same number of stochastic steps ``n`` this is FlowGRPO's normalisation, computed exactly as
+    ``keep / (kept * n)``.
+
+    Args:
+        keep: ``[B]`` float32, 1 for samples that train, 0 for dropped ones.
+        sde_mask: ``[B, T]`` bool, the rollout's stochastic steps (any device).
+        kept: samples kept in the whole mini-batch (the normaliser over micro-batches and workers).
+
+    Returns:
+        ``[B, T]`` weights, ``keep``'s dtype and device (0 at deterministic steps).
+    """
+    mask = sde_mask.to(keep.device)
+    counts = sde_mask.sum(dim=1)
+    if bool((counts == counts[0]).all()):
+        return (keep / (kept * max(int(counts[0]), 1)))[:, None] * mask
+    per_sample = kept * counts.clamp_min(1).to(keep.device, keep.dtype)
+    return (keep / per_sample)[:, None] * mask
 
 
 def flowgrpo_step_loss(
