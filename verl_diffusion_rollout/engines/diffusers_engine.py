@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..config import DiffusionSamplingConfig, LoRASyncConfig
+from ..config import DiffusionSamplingConfig, LoRASyncConfig, attention_heads, check_heads
 from ..contract import RolloutBatch
 from ..errors import EngineAsleep
 from ..lora_sync import (
@@ -25,6 +26,7 @@ from ..lora_sync import (
     iter_with_first,
     to_lora_config,
 )
+from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..serialization import weights_sha256
@@ -79,6 +81,10 @@ class DiffusersEngine(DiffusionEngine):
         fast_attention: let the model family swap in its faster attention processor, if it has one
             (:meth:`~verl_diffusion_rollout.pipelines.loop.DenoisingFamily.use_fast_attention`; Qwen-Image's computes
             the same function with real-valued RoPE that ``torch.compile`` fuses; SD3 keeps diffusers' processors).
+        sequence_parallel: the group this engine shares every transformer forward with (Ulysses sequence
+            parallelism, :mod:`verl_diffusion_rollout.parallel`); every rank of it must make the same calls with the
+            same requests, and each returns the full result. ``None`` or a group of 1: no sequence parallelism (and
+            no trace of it in the model).
     """
 
     def __init__(
@@ -93,11 +99,17 @@ class DiffusersEngine(DiffusionEngine):
         compile: bool = False,
         attention_backend: str = "auto",
         fast_attention: bool = True,
+        sequence_parallel: SequenceParallel | None = None,
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         pipeline_cls = get_pipeline_class(pipeline_class_name(self.model_path))
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            check_heads(sequence_parallel.size, attention_heads(self.model_path), "ulysses_sequence_parallel_size")
+        else:
+            sequence_parallel = None
+        self.sequence_parallel = sequence_parallel
         pipe = pipeline_cls.from_pretrained(self.model_path, dtype=self.dtype)
         pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=not progress_bar)
@@ -107,6 +119,13 @@ class DiffusersEngine(DiffusionEngine):
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
         self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention else None
+        # Sequence parallelism: every forward of the transformer (rollout, replay, update) runs on this rank's token
+        # shards; its collectives must come in the same order on every rank, so generations run one at a time.
+        self.sp_handle = None
+        self._sp_serial: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if sequence_parallel is not None:
+            self.sp_handle = pipe.family.use_sequence_parallel(pipe.transformer, sequence_parallel)
+            self._sp_serial = threading.Lock()
         if compile:
             # One compiled graph per distinct block structure (SD3.5's dual-attention and plain blocks, the last
             # context-pre-only block) x mode (inference, autograd, adapters off for a KL reference) x batch shape:
@@ -161,9 +180,10 @@ class DiffusersEngine(DiffusionEngine):
         with self._lock.read():
             if self._sleeping:
                 raise EngineAsleep("the engine is asleep (weights released); call wake_up() before generate()")
-            batch = self.pipe(
-                request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
-            )
+            with self._sp_serial:
+                batch = self.pipe(
+                    request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
+                )
             batch.weight_version = self._version
         check_finite_batch(batch)
         return batch

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -173,6 +174,11 @@ class SD3Family(DenoisingFamily):
         self, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: SD3Conditioning
     ) -> torch.Tensor:
         return predict_velocity_sd3(transformer, latents, timesteps, cond)
+
+    def use_sequence_parallel(self, transformer: torch.nn.Module, sp: Any) -> Any:
+        from .sd3_parallel import use_sequence_parallel
+
+        return use_sequence_parallel(transformer, sp)
 
 
 SD3 = SD3Family()
