@@ -33,6 +33,7 @@ setup(
         "ray>=2.40",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "msgpack>=1.0",  # sglang-protocol answers (Accept: application/msgpack); ray depends on it too
         "pillow>=10",
         "matplotlib>=3.7",
         "tensorboard>=2.14",

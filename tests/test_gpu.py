@@ -239,3 +239,92 @@ def test_cuda_role_chain_equals_monolithic_bf16(tiny_model_path, compile):
     assert set(expected) == set(got)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_cuda_sglang_protocol(tiny_model_path):
+    """sglang's protocol on a bf16 CUDA engine: msgpack answers equal to the native schema's, peak memory reported,
+    and the weights' checksum unchanged by a release/resume of the GPU memory."""
+    import httpx
+    import msgpack
+
+    from verl_diffusion_rollout.server import serve_in_thread
+    from test_sglang_protocol import decode
+
+    engine = DiffusersEngine(tiny_model_path, device="cuda", dtype=torch.bfloat16)
+    server, address = serve_in_thread(engine, sampling=SAMPLING)
+    body = {"prompt": PROMPTS[0], "seed": 7, "num_outputs_per_prompt": 2, "width": 64, "height": 64,
+            "num_inference_steps": 6, "rollout_sde_step_indices": [1, 3], "rollout_noise_level": 0.9,
+            "rollout_return_dit_trajectory": True}
+    try:
+        with httpx.Client(base_url=f"http://{address}", timeout=300) as client:
+            r = client.post("/rollout/generate", json=body, headers={"Accept": "application/msgpack"})
+            assert r.status_code == 200, r.text
+            answer = decode(msgpack.unpackb(r.content, raw=False), binary=True)
+            native = engine.generate([PROMPTS[0]], seeds=[7, 8], n=2, sampling=SAMPLING)
+            for b, response in enumerate(answer):
+                assert response["peak_memory_mb"] > 0
+                assert torch.equal(response["rollout_log_probs"], native.rollout_log_probs[b])
+                assert torch.equal(response["dit_trajectory"]["latents"], native.all_latents[b])
+            before = client.post("/get_weights_checksum", json={"module_names": ["transformer"]}).json()
+            assert client.post("/release_memory_occupation").json()["sleeping"] is True
+            assert client.post("/resume_memory_occupation").json()["sleeping"] is False
+            assert client.post("/get_weights_checksum", json={"module_names": ["transformer"]}).json() == before
+            print(f"sglang protocol on CUDA: peak_memory_mb={answer[0]['peak_memory_mb']:.0f}")
+    finally:
+        server.stop()
+
+
+# -- sequence parallelism over NCCL (2 GPUs) ------------------------------------------------------------------------
+
+
+def _sp_gpu_rank(rank: int, port: int, paths: dict, dtype: str, compile: bool, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from verl_diffusion_rollout.parallel import SequenceParallel
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            device_id=torch.device("cuda", rank))
+    sp = SequenceParallel.from_group(dist.group.WORLD)
+    results = {}
+    for family, (path, sampling) in paths.items():
+        engine = DiffusersEngine(path, device=f"cuda:{rank}", dtype=getattr(torch, dtype), compile=compile,
+                                 sequence_parallel=sp)
+        batch = engine.generate(PROMPTS, n=2, sampling=sampling, seeds=[1, 2, 3, 4])
+        with torch.no_grad():
+            replayed = compute_log_probs(engine.transformer, batch, trainable_steps(batch)).cpu()
+        results[family] = {"latents": batch.all_latents, "log_probs": batch.rollout_log_probs,
+                           "replay_gap": (replayed - batch.rollout_log_probs[:, trainable_steps(batch)]).abs().max().item()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (sequence parallelism over NCCL)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
+def test_cuda_sequence_parallel_over_nccl(tiny_model_path, tiny_sd3_model_path, tmp_path, dtype, compile):
+    """SP=2 on 2 GPUs (NCCL all-to-all): both ranks return the same full buffers, the replay on the sequence-parallel
+    module gives back the rollout's log-probs exactly, and the result is SP=1's up to GPU kernel choices (printed;
+    on the CPU it is SP=1's bit for bit, tests/test_sequence_parallel.py)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    sd3_sampling = SAMPLING.replace(height=40, width=24, guidance_scale=4.5, negative_prompt="", max_sequence_length=16)
+    paths = {"qwenimage": (tiny_model_path, SAMPLING.replace(height=40, width=24)), "sd3": (tiny_sd3_model_path, sd3_sampling)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sp_gpu_rank, args=(port, paths, dtype, compile, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for family, (path, sampling) in paths.items():
+        ref = DiffusersEngine(path, device="cuda:0", dtype=getattr(torch, dtype), compile=compile).generate(
+            PROMPTS, n=2, sampling=sampling, seeds=[1, 2, 3, 4])
+        for key in ("latents", "log_probs"):
+            assert torch.equal(ranks[0][family][key], ranks[1][family][key]), (family, key)
+        assert ranks[0][family]["replay_gap"] == 0.0 and ranks[1][family]["replay_gap"] == 0.0
+        diff_lp = (ranks[0][family]["log_probs"] - ref.rollout_log_probs).abs().max().item()
+        diff_x = (ranks[0][family]["latents"] - ref.all_latents).abs().max().item()
+        print(f"{family} {dtype} compile={compile}: SP=2 vs SP=1 max |log-prob diff| = {diff_lp:.3g}, "
+              f"max |latent diff| = {diff_x:.3g}")
+        assert diff_lp <= (1e-5 if dtype == "float32" else 1e-2)

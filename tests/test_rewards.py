@@ -101,6 +101,130 @@ def test_aesthetic_on_a_local_clip_and_head(tiny_clip, tmp_path):
     assert scores.shape == (2,) and torch.isfinite(scores).all() and scores[0] != scores[1]
 
 
+# -- fidelity to the reference scorers (FlowGRPO's pickscore_scorer.py / aesthetic_scorer.py) ------------------------
+#
+# The references take uint8 images ((x * 255).round().clamp(0, 255), as PIL images for PickScore, a uint8 tensor
+# for the aesthetic scorer: the same pixels) through transformers' PIL-based CLIP processor. Below, that path is
+# rebuilt in the test from transformers' own classes, on 96x64 images (resize 64 -> 32 on the short edge, 96 -> 48,
+# then a 32x32 center crop), and the scores must agree to 1e-5.
+
+PROMPTS = ["a red cat on a mat", "two blue dogs"]
+
+
+def odd_sized_images() -> torch.Tensor:
+    """Two [3, 64, 96] images with detail everywhere, so resize, crop and normalisation all move the score."""
+    g = torch.Generator().manual_seed(3)
+    ramp = torch.linspace(0, 1, 96).view(1, 1, 96).expand(3, 64, 96)
+    return torch.stack([ramp * torch.rand(3, 64, 1, generator=g), torch.rand(3, 64, 96, generator=g)])
+
+
+def reference_pil(images: torch.Tensor):
+    from PIL import Image
+
+    arrays = (images * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy().transpose(0, 2, 3, 1)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def reference_processor(path: str):
+    from transformers import CLIPProcessor, CLIPTokenizer
+
+    try:
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as ImageProcessor
+    return CLIPProcessor(image_processor=ImageProcessor.from_pretrained(path), tokenizer=CLIPTokenizer.from_pretrained(path))
+
+
+def hand_pixels(images: torch.Tensor, path: str, crop: bool = True, normalize: bool = True) -> torch.Tensor:
+    """CLIP preprocessing written out: bicubic PIL resize of the short edge, center crop, /255, mean/std."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    cfg = json.load(open(f"{path}/processor_config.json"))["image_processor"]
+    short, (ch, cw) = cfg["size"]["shortest_edge"], (cfg["crop_size"]["height"], cfg["crop_size"]["width"])
+    out = []
+    for img in reference_pil(images):
+        w, h = img.size
+        if crop:
+            size = (int(short * w / h), short) if w >= h else (short, int(short * h / w))
+            img = img.resize(size, Image.BICUBIC)
+            top, left = (img.size[1] - ch) // 2, (img.size[0] - cw) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+        else:  # a squash to the crop size: the classic wrong resize
+            img = img.resize((cw, ch), Image.BICUBIC)
+        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) * np.float32(cfg["rescale_factor"])
+        if normalize:
+            mean = np.asarray(cfg["image_mean"], dtype=np.float32).reshape(3, 1, 1)
+            std = np.asarray(cfg["image_std"], dtype=np.float32).reshape(3, 1, 1)
+            x = (x - mean) / std
+        out.append(torch.from_numpy(np.ascontiguousarray(x)))
+    return torch.stack(out)
+
+
+def test_clip_preprocessing_is_resize_crop_normalize_from_uint8(tiny_clip):
+    from verl_diffusion_rollout.trainer.rewards import clip_pixel_values, load_clip_image_processor
+
+    images = odd_sized_images()
+    ours = clip_pixel_values(load_clip_image_processor(tiny_clip), images)
+    assert ours.shape == (2, 3, 32, 32) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, hand_pixels(images, tiny_clip), atol=1e-6, rtol=0)
+    # Quantised to uint8 first, as the reference: on exact grey levels, a shift below half a level changes nothing.
+    levels = (images * 255).round() / 255
+    processor = load_clip_image_processor(tiny_clip)
+    assert torch.equal(clip_pixel_values(processor, levels + 0.4 / 255), clip_pixel_values(processor, levels))
+
+
+def test_pickscore_matches_clip_logits_through_transformers(tiny_clip):
+    from transformers import CLIPModel
+
+    ours, _ = build_reward({"pickscore": 1.0}, {"pickscore": {"model_path": tiny_clip}})(odd_sized_images(), PROMPTS)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    inputs = reference_processor(tiny_clip)(
+        text=PROMPTS, images=reference_pil(odd_sized_images()), padding=True, truncation=True, max_length=77,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        reference = model(**inputs).logits_per_image.diag() / 26
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    # The comparison can fail: each classic mistake moves the score far more than the tolerance.
+    with torch.no_grad():
+        def score(pixel_values: torch.Tensor, scale: bool = True) -> torch.Tensor:
+            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=pixel_values)
+            logits = out.logits_per_image.diag()
+            return (logits if scale else logits / model.logit_scale.exp()) / 26
+
+        torch.testing.assert_close(score(hand_pixels(odd_sized_images(), tiny_clip)), reference, atol=1e-5, rtol=0)
+        wrong = {
+            "squash resize": score(hand_pixels(odd_sized_images(), tiny_clip, crop=False)),
+            "no normalisation": score(hand_pixels(odd_sized_images(), tiny_clip, normalize=False)),
+            "no logit scale": score(hand_pixels(odd_sized_images(), tiny_clip), scale=False),
+        }
+    for mistake, value in wrong.items():
+        assert (value - reference).abs().max() > 1e-3, mistake
+
+
+def test_aesthetic_matches_normalised_clip_embedding_through_transformers(tiny_clip, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    head = _AestheticHead(model.config.projection_dim).eval()
+    save_file(head.state_dict(), tmp_path / "head.safetensors")
+    options = {"clip_path": tiny_clip, "head_path": str(tmp_path / "head.safetensors")}
+    ours, _ = build_reward({"aesthetic": 1.0}, {"aesthetic": options})(odd_sized_images(), PROMPTS)
+    inputs = reference_processor(tiny_clip)(images=reference_pil(odd_sized_images()), return_tensors="pt")
+    with torch.no_grad():
+        embeds = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+        reference = head(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(-1)
+        unnormalised = head(embeds).squeeze(-1)
+    assert ours.shape == (2,)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert (unnormalised - reference).abs().max() > 1e-3  # the embedding normalisation matters
+
+
 def test_ocr_text_matching():
     assert quoted_text('a sign that says "Hello World" on a wall') == "Hello World"
     assert edit_similarity("hello world", "Hello World") == 1.0

@@ -22,6 +22,7 @@ from verl_diffusion_rollout.config import DiffusionSamplingConfig, ServerLimits
 from verl_diffusion_rollout.contract import FAMILY_ENV_KEYS
 from verl_diffusion_rollout.engines import DiffusersEngine
 from verl_diffusion_rollout.errors import RoleMismatch
+from verl_diffusion_rollout.parallel import SequenceParallel
 from verl_diffusion_rollout.pipelines.prompt_cache import PromptEmbeddingCache
 from verl_diffusion_rollout.roles import DisaggregatedClient, StageError
 from verl_diffusion_rollout.serialization import tensor_from_json, tensor_to_json
@@ -146,6 +147,9 @@ def test_a_wrong_role_is_refused_naming_the_value_and_the_choices(tiny_model_pat
     with pytest.raises(ValueError, match=r"role must be one of \['monolithic', 'encoder', 'denoiser', 'decoder'\], "
                                          r"got 'generator'"):
         DiffusersEngine(tiny_model_path, role="generator")
+    with pytest.raises(ValueError, match=r"sequence_parallel \(size 2\) splits the transformer, which the 'encoder' "
+                                         r"role does not load"):
+        DiffusersEngine(tiny_model_path, role="encoder", sequence_parallel=SequenceParallel(group=None, size=2, rank=0))
     with pytest.raises(SystemExit):
         parse_args(["--model-path", tiny_model_path, "--role", "generator"])
     assert parse_args(["--model-path", tiny_model_path, "--role", "decoder"]).role == "decoder"
@@ -160,6 +164,11 @@ def test_health_reports_role_and_modules_without_a_key(stacks):
         health = httpx.get(url + "/health").json()
         assert health["role"] == role.value and health["status"] == "ok"
         assert health["modules"] == list(stacks["sd3"]["engines"][role].modules)
+    # sglang's checksum endpoint hashes a role's own modules; the others it never loaded are not found.
+    checksums = post(urls[Role.DENOISER], "/get_weights_checksum", {"module_names": ["transformer", "vae"]}).json()
+    assert checksums["vae"] == "not_found" and len(checksums["transformer"]) == 64
+    mono = post(urls[Role.MONOLITHIC], "/get_weights_checksum", {"module_names": ["transformer"]}).json()
+    assert mono == {"transformer": checksums["transformer"]}
 
 
 @pytest.mark.parametrize("family", ["qwenimage", "sd3"])
@@ -279,6 +288,9 @@ def test_requests_a_role_cannot_serve_get_400_naming_the_role(stacks):
         (Role.ENCODER, "/rollout/decode", {"latents": latents}, "'encoder' role", "cannot decode"),
         (Role.DECODER, "/rollout/encode", {"prompts": ["a cat"]}, "'decoder' role", "cannot encode"),
         (Role.ENCODER, "/rollout/generate", {"env": {}, "prompts": ["a cat"]}, "'encoder' role", "cannot denoise"),
+        # sglang's RolloutRequest generates from a prompt: a monolithic server's
+        (Role.DENOISER, "/rollout/generate", {"prompt": "a cat", "seed": 1}, "'denoiser' role", "from prompts"),
+        (Role.DECODER, "/rollout/generate", {"prompt": "a cat", "seed": 1}, "'decoder' role", "from prompts"),
     ]
     for role, path, body, *needles in cases:
         r = post(urls[role], path, body)

@@ -10,7 +10,9 @@ Invalid values raise ``ValueError`` naming the key, at construction time.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
@@ -25,6 +27,8 @@ __all__ = [
     "DiffusionModelConfig",
     "QWEN_IMAGE_ATTENTION_MODULES",
     "register_configs",
+    "attention_heads",
+    "check_heads",
 ]
 
 _VERL_CONFIGS = ("DiffusionRolloutConfig", "DiffusionModelConfig", "register_configs", "ENGINES", "DTYPES")
@@ -75,6 +79,30 @@ MAX_GUIDANCE_SCALE = 100.0
 def _set(obj: Any, name: str, value: Any) -> None:
     """Normalize a field inside ``__post_init__`` (also on verl's BaseConfig, which freezes fields once set)."""
     object.__setattr__(obj, name, value)
+
+
+def attention_heads(model_path: str) -> int:
+    """The transformer's attention heads, from ``model_path/transformer/config.json`` (no weights are read)."""
+    path = os.path.join(str(model_path), "transformer", "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{str(model_path)!r} has no transformer/config.json")
+    with open(path, encoding="utf-8") as f:
+        heads = json.load(f).get("num_attention_heads")
+    if not _is_int(heads) or heads < 1:
+        raise ValueError(f"{path} has no valid num_attention_heads (got {heads!r})")
+    return heads
+
+
+def check_heads(size: int, heads: int, key: str = "sequence parallel size") -> None:
+    """``ValueError`` naming both numbers unless the sequence-parallel ``size`` divides the attention ``heads``
+    (Ulysses attention gives each rank ``heads / size`` of them)."""
+    if not _is_int(size) or size < 1:
+        raise ValueError(f"{key} must be an int >= 1, got {size!r}")
+    if heads % size:
+        raise ValueError(
+            f"{key}={size} does not divide the transformer's {heads} attention heads (Ulysses attention gives each "
+            f"rank heads / {size}); use a divisor of {heads}"
+        )
 
 
 @dataclass

@@ -32,6 +32,7 @@ from verl.workers.rollout.base import BaseRollout
 from .config import DiffusionModelConfig, DiffusionRolloutConfig, DiffusionSamplingConfig
 from .contract import RolloutBatch
 from .engines import DiffusionEngine, get_engine_class
+from .parallel import SequenceParallel
 
 __all__ = ["DiffusionRollout", "to_data_proto", "from_data_proto", "build_engine"]
 
@@ -48,9 +49,20 @@ def _as_model_config(model_config: Any) -> Any:
     return model_config
 
 
-def build_engine(config: DiffusionRolloutConfig, model_path: str) -> DiffusionEngine:
-    """The engine ``config.engine`` names, loaded from ``model_path``."""
+def build_engine(
+    config: DiffusionRolloutConfig, model_path: str, sequence_parallel: SequenceParallel | None = None
+) -> DiffusionEngine:
+    """The engine ``config.engine`` names, loaded from ``model_path``; ``sequence_parallel``: the group its
+    transformer forwards are split over (the ``diffusers`` engine only)."""
     engine_cls = get_engine_class(config.engine)
+    extra = {}
+    if sequence_parallel is not None and sequence_parallel.size > 1:
+        if config.engine != "diffusers":
+            raise ValueError(
+                f"sequence parallelism (a device mesh with an 'sp' axis of size {sequence_parallel.size}) needs "
+                f"rollout.engine=diffusers, got {config.engine!r}"
+            )
+        extra["sequence_parallel"] = sequence_parallel
     return engine_cls(
         model_path,
         device=config.device,
@@ -61,6 +73,7 @@ def build_engine(config: DiffusionRolloutConfig, model_path: str) -> DiffusionEn
         compile=config.compile,
         attention_backend=config.attention_backend,
         fast_attention=config.fast_attention,
+        **extra,
     )
 
 
@@ -91,7 +104,9 @@ class DiffusionRollout(BaseRollout):
     Args:
         config: a :class:`DiffusionRolloutConfig` (or the DictConfig of ``configs/rollout/diffusion.yaml``).
         model_config: a :class:`DiffusionModelConfig` (or its DictConfig, or a plain ``{"path": ...}``).
-        device_mesh: unused (one engine per process); accepted for verl's signature.
+        device_mesh: verl's device mesh of this process, or None. With an ``"sp"`` axis of size > 1 the engine's
+            transformer runs sequence-parallel over that axis (Ulysses; every rank of it must get the same batches),
+            following ``actor_rollout_ref.actor.ulysses_sequence_parallel_size``.
         engine: an already-built engine to wrap instead of loading one (tests, custom engines).
         replica_rank: rank of the replica this rollout belongs to (verl passes it).
     """
@@ -119,7 +134,9 @@ class DiffusionRollout(BaseRollout):
             )
         self.replica_rank = replica_rank
         self.is_leader_rank = True
-        self.engine = engine if engine is not None else build_engine(self.config, self.model_config.local_path)
+        self.engine = engine if engine is not None else build_engine(
+            self.config, self.model_config.local_path, SequenceParallel.from_mesh(device_mesh)
+        )
 
     @property
     def weight_version(self) -> int:

@@ -1,4 +1,4 @@
-"""Tensors over HTTP: safetensors bytes for weight updates, base64 JSON for rollout responses.
+"""Tensors over HTTP: safetensors bytes for weight updates, base64 JSON for rollout responses, a weights checksum.
 
 Both round-trip dtype (bfloat16 included) and shape exactly.
 """
@@ -6,7 +6,9 @@ Both round-trip dtype (bfloat16 included) and shape exactly.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ __all__ = [
     "tensor_from_json",
     "named_tensors_to_bytes",
     "named_tensors_from_bytes",
+    "weights_sha256",
     "SAFETENSORS_MEDIA_TYPE",
 ]
 
@@ -74,7 +77,7 @@ def named_tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str,
     from safetensors.torch import save
 
     meta = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta)
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=meta or None)
 
 
 def named_tensors_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -94,3 +97,17 @@ def named_tensors_from_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict
         except json.JSONDecodeError:
             metadata[key] = value
     return tensors, metadata
+
+
+def weights_sha256(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 hex digest of named tensors: in name order, each name's UTF-8 bytes then its raw bytes.
+
+    The checksum sglang's ``/get_weights_checksum`` reports per module, so a client can compare the two.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -20,6 +20,11 @@ Endpoints:
   prompts (the contract without images, plus each sample's final latent), a ``decoder`` answers ``POST
   /rollout/decode`` (final latents -> images); a ``monolithic`` server (the default) answers all of them. Bodies:
   :mod:`verl_diffusion_rollout.role_protocol`. A request the role cannot serve gets a 400 naming the role.
+* sglang's protocol (:mod:`~verl_diffusion_rollout.sglang_protocol`): ``POST /rollout/generate`` with sglang's
+  ``RolloutRequest`` body answers sglang's list of ``RolloutResponse`` objects (msgpack with
+  ``Accept: application/msgpack``, else JSON); ``POST /release_memory_occupation``,
+  ``POST /resume_memory_occupation`` (sleep / wake up) and ``POST /get_weights_checksum``. Generating from a
+  ``RolloutRequest`` takes a monolithic server (a role server answers 400 naming its role).
 
 Security: with an API key (``--api-key``, ``VDR_API_KEY`` or ``rollout.server_api_key``) every endpoint but
 ``GET /health`` needs ``Authorization: Bearer <key>`` (401 otherwise; compared in constant time). Binding a
@@ -44,11 +49,13 @@ import logging
 import os
 import threading
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -59,6 +66,15 @@ from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput, RoleMism
 from .lora_sync import WeightUpdateError, to_lora_config
 from .role_protocol import DecodeRequest, EmbeddingsGenerateRequest, EncodeRequest, env_from_json, env_to_json
 from .serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_from_bytes, tensor_from_json, tensor_to_json
+from .sglang_protocol import (
+    MSGPACK_MEDIA_TYPE,
+    SglangRolloutRequest,
+    encode_msgpack,
+    rollout_responses,
+    speaks_sglang,
+    translate_request,
+    wants_msgpack,
+)
 from .stages import ROLE_NAMES, DenoisedBatch, Role, check_role_serves
 
 __all__ = ["build_app", "serve_in_thread", "main", "RolloutServer", "check_bind", "API_KEY_ENV"]
@@ -295,19 +311,8 @@ def build_app(
     def weight_version() -> dict[str, int]:
         return {"weight_version": engine.weight_version}
 
-    @app.post("/rollout/generate")
-    async def generate(request: Request) -> dict[str, Any]:
-        raw = await read_body(request, limits.request_bytes, limits.flag("max_request_mb"))
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise bad_request(ValueError(f"request body is not valid JSON: {err}")) from err
-        if engine.role is not Role.MONOLITHIC or (isinstance(body, dict) and "env" in body):
-            return await roles.generate_from_env(body, request)  # a denoiser's: from prompt embeddings
-        try:
-            req = GenerateRequest.model_validate(body)
-        except ValidationError as err:
-            raise bad_request(ValueError(err.errors(include_url=False, include_input=False)), 422) from err
+    async def generate_batch(req: GenerateRequest, request: Request) -> RolloutBatch:
+        """Bound, configure and run one generation, whichever protocol asked; a client that leaves cancels it."""
         check_generate_limits(req, limits)
         try:
             sampling = default_sampling.replace(**{**req.sampling, "return_debug": req.return_debug})
@@ -317,10 +322,31 @@ def build_app(
         gone = threading.Event()
         watcher = asyncio.create_task(_watch_disconnect(request, gone))
         try:
-            batch = await _call(engine.generate, req.prompts, req.seeds, sampling, req.n, req.window_seed,
-                                cancel=gone.is_set)
+            return await _call(engine.generate, req.prompts, req.seeds, sampling, req.n, req.window_seed,
+                               cancel=gone.is_set)
         finally:
             watcher.cancel()
+
+    @app.post("/rollout/generate")
+    async def generate(request: Request) -> Any:
+        raw = await read_body(request, limits.request_bytes, limits.flag("max_request_mb"))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise bad_request(ValueError(f"request body is not valid JSON: {err}")) from err
+        if engine.role is not Role.MONOLITHIC or (isinstance(body, dict) and "env" in body):
+            return await roles.generate_from_env(body, request)  # a denoiser's: from prompt embeddings
+        try:
+            sglang_body = speaks_sglang(body, GenerateRequest.model_fields)
+        except ValueError as err:
+            raise bad_request(err, 422) from err
+        if sglang_body:
+            return await sglang_generate(body, request, default_sampling, limits, generate_batch)
+        try:
+            req = GenerateRequest.model_validate(body)
+        except ValidationError as err:
+            raise bad_request(ValueError(err.errors(include_url=False, include_input=False)), 422) from err
+        batch = await generate_batch(req, request)
         samples = await _call(_sample_entries, batch, req.return_env, req.return_trajectory)
         return {
             "weight_version": batch.weight_version,
@@ -355,6 +381,7 @@ def build_app(
         await _call(engine.wake_up)
         return {"sleeping": False}
 
+    app.include_router(sglang_weights_router(engine, limits))
     return app
 
 
@@ -494,6 +521,129 @@ def _parse_update(raw: bytes, content_type: str) -> tuple[dict[str, torch.Tensor
             raise WeightUpdateError(f"peft_config must be a JSON object, got {type(peft_config).__name__}")
         to_lora_config(peft_config, from_client=True)
     return tensors, peft_config
+
+
+# -- sglang's protocol (POST /rollout/generate with a RolloutRequest body, and the weight endpoints) ------------------
+
+
+def _peak_memory_mb() -> float | None:
+    """Peak CUDA memory reserved by this process, MiB (what sglang reports); None without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    peak = torch.cuda.max_memory_reserved()
+    return peak / 2**20 if peak > 0 else None
+
+
+async def sglang_generate(
+    body: dict[str, Any],
+    request: Request,
+    default_sampling: DiffusionSamplingConfig,
+    limits: ServerLimits,
+    generate_batch: Callable[[GenerateRequest, Request], Awaitable[RolloutBatch]],
+) -> Response:
+    """``POST /rollout/generate`` with sglang's ``RolloutRequest`` body: sglang's list of per-sample
+    ``RolloutResponse`` objects (:mod:`~verl_diffusion_rollout.sglang_protocol`), msgpack when the client's
+    ``Accept`` names it, JSON otherwise. Runs through the same limits and generation as the server's own schema;
+    the weight version rides in the ``X-Weight-Version`` header."""
+    try:
+        call = translate_request(SglangRolloutRequest.model_validate(body), default_sampling)
+    except ValidationError as err:
+        raise HTTPException(status_code=422, detail=str(err.errors(include_url=False, include_input=False))) from err
+    except ValueError as err:
+        raise HTTPException(status_code=422, detail=str(err)) from err
+    check_generate_limits(GenerateRequest(prompts=[call.prompt], n=call.n), limits)  # before n seeds exist
+    req = GenerateRequest(
+        prompts=[call.prompt], seeds=call.seeds, n=call.n, sampling=call.sampling, return_debug=call.return_debug,
+        return_env=call.return_env, return_trajectory=call.return_trajectory,
+    )
+    start = time.perf_counter()
+    batch = await generate_batch(req, request)
+    seconds = time.perf_counter() - start
+    binary = wants_msgpack(request.headers.get("accept", ""))
+    responses = await _call(
+        rollout_responses, batch, call, request_id=str(uuid.uuid4()), inference_time_s=seconds,
+        peak_memory_mb=_peak_memory_mb() if call.report_memory else None, binary=binary,
+    )
+    headers = {"X-Weight-Version": str(batch.weight_version)}
+    if binary:
+        content = await _call(encode_msgpack, responses)
+        return Response(content=content, media_type=MSGPACK_MEDIA_TYPE, headers=headers)
+    return JSONResponse(responses, headers=headers)
+
+
+class WeightsChecksumRequest(BaseModel):
+    """Body of ``POST /get_weights_checksum`` (sglang's ``GetWeightsChecksumReqInput``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module_names: list[StrictStr] | None = None
+
+
+def sglang_weights_router(engine: DiffusionEngine, limits: ServerLimits) -> APIRouter:
+    """sglang's weight endpoints that map onto this server's own; authenticated like every other endpoint.
+
+    * ``POST /release_memory_occupation`` / ``POST /resume_memory_occupation``: :meth:`DiffusionEngine.sleep` /
+      :meth:`~DiffusionEngine.wake_up`; sglang's ``{"success", "sleeping", "message"}`` answer.
+    * ``POST /get_weights_checksum``: ``{"module_names": [...] | null}`` -> ``{module: sha256 hex}``
+      (``"not_found"`` for an unknown module), as sglang hashes them.
+    * ``POST /update_weights_from_tensor`` and ``/update_weights_from_disk`` answer 501 with the reason: sglang's
+      tensor payload is pickled (``MultiprocessingSerializer``, CUDA IPC handles), which this server never
+      unpickles, and a server-side path is not a way in; ``POST /update_weights`` takes the tensors instead.
+    """
+    router = APIRouter()
+
+    async def memory(change: Any, sleeping: bool, done: str, already: str) -> JSONResponse:
+        was = engine.is_sleeping
+        try:
+            await _call(change)
+        except HTTPException as err:
+            body = {"success": False, "sleeping": engine.is_sleeping, "message": str(err.detail)}
+            return JSONResponse(body, status_code=err.status_code)
+        message = already if was == sleeping else done
+        return JSONResponse({"success": True, "sleeping": engine.is_sleeping, "message": message})
+
+    @router.post("/release_memory_occupation")
+    async def release_memory_occupation() -> JSONResponse:
+        return await memory(engine.sleep, True, "released accelerator memory (weights moved to the CPU)", "already sleeping")
+
+    @router.post("/resume_memory_occupation")
+    async def resume_memory_occupation() -> JSONResponse:
+        return await memory(engine.wake_up, False, "resumed accelerator memory (weights back on the device)", "already awake")
+
+    @router.post("/get_weights_checksum")
+    async def get_weights_checksum(request: Request) -> dict[str, str]:
+        raw = await read_body(request, limits.request_bytes, limits.flag("max_request_mb"))
+        try:
+            req = WeightsChecksumRequest.model_validate(json.loads(raw) if raw.strip() else {})
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise HTTPException(status_code=400, detail=f"request body is not valid JSON: {err}") from err
+        except ValidationError as err:
+            raise HTTPException(status_code=422, detail=str(err.errors(include_url=False, include_input=False))) from err
+        try:
+            return await run_in_threadpool(engine.weights_checksum, req.module_names)
+        except NotImplementedError as err:
+            raise HTTPException(status_code=501, detail=str(err)) from err
+        except Exception as err:  # noqa: BLE001 - every error becomes a status; the server keeps serving
+            raise engine_error(err) from err
+
+    refusals = {
+        "/update_weights_from_tensor": "sglang's tensor payload is pickled (MultiprocessingSerializer with CUDA IPC "
+        "handles) and this server never unpickles request data",
+        "/update_weights_from_disk": "this server does not load weights from a path on its own disk",
+    }
+    for path, reason in refusals.items():
+        router.add_api_route(path, _refusal(reason), methods=["POST"])
+    return router
+
+
+def _refusal(reason: str) -> Any:
+    """An endpoint answering 501 with ``reason`` and the way that is served (it reads no body)."""
+
+    async def refuse() -> JSONResponse:
+        detail = f"not served: {reason}; send the named tensors to POST /update_weights (safetensors body)"
+        return JSONResponse({"success": False, "message": detail}, status_code=501)
+
+    return refuse
 
 
 class RolloutServer:

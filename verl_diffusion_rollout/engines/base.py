@@ -238,5 +238,10 @@ class DiffusionEngine(ABC):
         """Images of final latents."""
         raise RoleMismatch(f"the {type(self).__name__} runs whole rollouts only: it serves no separate decode stage")
 
+    def weights_checksum(self, module_names: Sequence[str] | None = None) -> dict[str, str]:
+        """SHA-256 (:func:`~verl_diffusion_rollout.serialization.weights_sha256`) of each named module's live
+        parameters, every module when ``module_names`` is None; ``"not_found"`` for a name the engine lacks."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its weights for a checksum")
+
     def close(self) -> None:
         """Free everything the engine holds."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from ..config import DiffusionSamplingConfig, LoRASyncConfig
+from ..config import DiffusionSamplingConfig, LoRASyncConfig, attention_heads, check_heads
 from ..contract import RolloutBatch
 from ..errors import EngineAsleep, NonFiniteOutput
 from ..lora_sync import (
@@ -25,11 +26,13 @@ from ..lora_sync import (
     iter_with_first,
     to_lora_config,
 )
+from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
 from ..pipelines.components import load_pipeline, loaded_modules
 from ..pipelines.loop import run_denoise
 from ..pipelines.prompt_cache import PromptEmbeddingCache
 from ..scheduler import FlowMatchSDEDiscreteScheduler
+from ..serialization import weights_sha256
 from ..stages import DenoisedBatch, Role, check_role_serves, parse_role
 from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
 
@@ -89,6 +92,10 @@ class DiffusersEngine(DiffusionEngine):
             :meth:`decode`). The other modules are never read from disk.
         prompt_cache_mb: budget of the cache of per-prompt text embeddings (each distinct prompt is encoded once
             while it stays cached; the text encoders are frozen); 0 turns it off.
+        sequence_parallel: the group this engine shares every transformer forward with (Ulysses sequence
+            parallelism, :mod:`verl_diffusion_rollout.parallel`); every rank of it must make the same calls with the
+            same requests, and each returns the full result. ``None`` or a group of 1: no sequence parallelism (and
+            no trace of it in the model). Only for roles that load the transformer.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class DiffusersEngine(DiffusionEngine):
         fast_attention: bool = True,
         role: Role | str = Role.MONOLITHIC,
         prompt_cache_mb: float = PROMPT_CACHE_MB,
+        sequence_parallel: SequenceParallel | None = None,
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
@@ -113,6 +121,16 @@ class DiffusersEngine(DiffusionEngine):
         if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, (int, float)) or not prompt_cache_mb >= 0:
             raise ValueError(f"prompt_cache_mb must be a number >= 0, got {prompt_cache_mb!r}")
         pipeline_cls = get_pipeline_class(pipeline_class_name(self.model_path))
+        if sequence_parallel is not None and sequence_parallel.size > 1:
+            if self._role not in (Role.MONOLITHIC, Role.DENOISER):
+                raise ValueError(
+                    f"sequence_parallel (size {sequence_parallel.size}) splits the transformer, which the "
+                    f"{self._role.value!r} role does not load; use it with the denoiser or monolithic role"
+                )
+            check_heads(sequence_parallel.size, attention_heads(self.model_path), "ulysses_sequence_parallel_size")
+        else:
+            sequence_parallel = None
+        self.sequence_parallel = sequence_parallel
         pipe = load_pipeline(pipeline_cls, self.model_path, self._role, self.dtype)
         if pipe.scheduler is not None:
             pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -126,6 +144,13 @@ class DiffusersEngine(DiffusionEngine):
                 module.eval().requires_grad_(False)
         has_transformer = pipe.transformer is not None
         self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention and has_transformer else None
+        # Sequence parallelism: every forward of the transformer (rollout, replay, update) runs on this rank's token
+        # shards; its collectives must come in the same order on every rank, so generations run one at a time.
+        self.sp_handle = None
+        self._sp_serial: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if sequence_parallel is not None:
+            self.sp_handle = pipe.family.use_sequence_parallel(pipe.transformer, sequence_parallel)
+            self._sp_serial = threading.Lock()
         if compile and has_transformer:
             # One compiled graph per distinct block structure (SD3.5's dual-attention and plain blocks, the last
             # context-pre-only block) x mode (inference, autograd, adapters off for a KL reference) x batch shape:
@@ -190,9 +215,10 @@ class DiffusersEngine(DiffusionEngine):
         sampling = _check_sampling(sampling)
         with self._lock.read():
             self._check_awake("generate")
-            batch = self.pipe(
-                request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
-            )
+            with self._sp_serial:
+                batch = self.pipe(
+                    request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
+                )
             batch.weight_version = self._version
         check_finite_batch(batch)
         return batch
@@ -307,9 +333,10 @@ class DiffusersEngine(DiffusionEngine):
         request = expand_group_request(prompts, seeds, n, self._rng)
         with self._lock.read():
             self._check_awake("denoise")
-            batch = run_denoise(
-                self.pipe, env, n, request.prompts, request.seeds, sampling, window_seed=window_seed, cancel=cancel
-            )
+            with self._sp_serial:
+                batch = run_denoise(
+                    self.pipe, env, n, request.prompts, request.seeds, sampling, window_seed=window_seed, cancel=cancel
+                )
             batch.weight_version = self._version
         check_finite_batch(batch)
         return batch
@@ -383,6 +410,17 @@ class DiffusersEngine(DiffusionEngine):
             if self.device.type != "cpu":
                 self._move_to(self.device)
             self._sleeping = False
+
+    def weights_checksum(self, module_names: Sequence[str] | None = None) -> dict[str, str]:
+        """SHA-256 of the live parameters of the pipeline's modules (``transformer``, ``vae``, ``text_encoder``...),
+        merged LoRA included, taken under the read lock so no update lands halfway."""
+        with self._lock.read():
+            modules = {name: m for name, m in self.pipe.components.items() if isinstance(m, torch.nn.Module)}
+            names = list(modules) if module_names is None else list(module_names)
+            return {
+                name: weights_sha256(modules[name].named_parameters()) if name in modules else "not_found"
+                for name in names
+            }
 
     def _move_to(self, device: torch.device) -> None:
         self.pipe.to(device)

@@ -123,6 +123,12 @@ class DenoisingFamily(ABC):
         or None when the family has none (its diffusers processors are already compile-friendly)."""
         return None
 
+    def use_sequence_parallel(self, transformer: torch.nn.Module, sp: Any) -> Any:
+        """Make every forward of ``transformer`` sequence-parallel (Ulysses) over ``sp``
+        (a :class:`~verl_diffusion_rollout.parallel.SequenceParallel`): each rank runs its shard of the text and
+        image tokens and returns the full output. Returns a handle with ``remove()``."""
+        raise NotImplementedError(f"the {self.name} family has no sequence-parallel transformer")
+
 
 def per_sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per sample, seeded with its seed: the sample's initial noise and every step's noise come

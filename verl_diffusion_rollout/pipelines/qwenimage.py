@@ -236,6 +236,11 @@ class QwenImageFamily(DenoisingFamily):
 
         return use_joint_attn_processor(transformer)
 
+    def use_sequence_parallel(self, transformer: torch.nn.Module, sp: Any) -> Any:
+        from .qwenimage_parallel import use_sequence_parallel
+
+        return use_sequence_parallel(transformer, sp)
+
 
 QWEN_IMAGE = QwenImageFamily()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QwenJointAttnProcessor", "use_joint_attn_processor", "ProcessorHandle", "apply_rope_real"]
+__all__ = ["QwenJointAttnProcessor", "use_joint_attn_processor", "ProcessorHandle", "apply_rope_real", "joint_mask"]
 
 
 def apply_rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,11 @@ def apply_rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class QwenJointAttnProcessor:
-    """Qwen-Image joint attention (text and image streams attend together), real-valued RoPE."""
+    """Qwen-Image joint attention (text and image streams attend together), real-valued RoPE.
+
+    :meth:`project` and :meth:`output` are the per-token stages around the joint attention; the sequence-parallel
+    processor (:mod:`.qwenimage_parallel`) runs the same stages on its token shards.
+    """
 
     def __call__(
         self,
@@ -47,16 +51,37 @@ class QwenJointAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_inputs(encoder_hidden_states, attention_mask)
+        mask = joint_mask(encoder_hidden_states_mask, hidden_states.shape[1])
+        (txt_q, txt_k, txt_v), (img_q, img_k, img_v) = self.project(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb
+        )
+        seq_txt = encoder_hidden_states.shape[1]
+        # [text, image] on the sequence axis, heads before sequence for SDPA.
+        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
+        k = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
+        v = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        return self.output(attn, out[:, :seq_txt], out[:, seq_txt:])
+
+    @staticmethod
+    def check_inputs(encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         if encoder_hidden_states is None:
             raise ValueError("QwenJointAttnProcessor needs encoder_hidden_states (the text stream)")
         if attention_mask is not None:
             raise ValueError("pass encoder_hidden_states_mask, not attention_mask, to Qwen-Image joint attention")
-        mask = None
-        if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
-            mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+    @staticmethod
+    def project(
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per-token stage: ``((txt_q, txt_k, txt_v), (img_q, img_k, img_v))``, each ``[B, L, H, D]``, QK-normed and
+        rotated (``image_rotary_emb``: ``(img_freqs [L_img, D/2], txt_freqs [L_txt, D/2])`` complex)."""
         head_dim = attn.inner_dim // attn.heads
-        seq_txt = encoder_hidden_states.shape[1]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (-1, head_dim))
@@ -77,19 +102,24 @@ class QwenJointAttnProcessor:
             img_freqs, txt_freqs = image_rotary_emb
             img_q, img_k = apply_rope_real(img_q, img_freqs), apply_rope_real(img_k, img_freqs)
             txt_q, txt_k = apply_rope_real(txt_q, txt_freqs), apply_rope_real(txt_k, txt_freqs)
+        return (txt_q, txt_k, txt_v), (img_q, img_k, img_v)
 
-        # [text, image] on the sequence axis, heads before sequence for SDPA.
-        q = torch.cat([txt_q, img_q], dim=1).transpose(1, 2)
-        k = torch.cat([txt_k, img_k], dim=1).transpose(1, 2)
-        v = torch.cat([txt_v, img_v], dim=1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
-
-        img_out = attn.to_out[0](out[:, seq_txt:].contiguous())
+    @staticmethod
+    def output(attn, txt: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token stage: the output projections of ``[B, L, H * D]`` attention outputs; ``(img_out, txt_out)``."""
+        img_out = attn.to_out[0](img.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
-        txt_out = attn.to_add_out(out[:, :seq_txt].contiguous())
+        txt_out = attn.to_add_out(txt.contiguous())
         return img_out, txt_out
+
+
+def joint_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
+    """``[B, 1, 1, L_text + L_img]`` bool key mask of the joint sequence (text, then every image token), or None."""
+    if text_mask is None:
+        return None
+    image_mask = torch.ones((text_mask.shape[0], image_tokens), dtype=torch.bool, device=text_mask.device)
+    return torch.cat([text_mask, image_mask], dim=1)[:, None, None, :]
 
 
 @dataclass

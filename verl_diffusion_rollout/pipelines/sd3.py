@@ -178,6 +178,11 @@ class SD3Family(DenoisingFamily):
     ) -> torch.Tensor:
         return predict_velocity_sd3(transformer, latents, timesteps, cond)
 
+    def use_sequence_parallel(self, transformer: torch.nn.Module, sp: Any) -> Any:
+        from .sd3_parallel import use_sequence_parallel
+
+        return use_sequence_parallel(transformer, sp)
+
 
 SD3 = SD3Family()
 

@@ -92,9 +92,12 @@ class FlowGRPOActor:
     Args:
         config: the validated recipe.
         all_reduce: sums a float64 tensor in place over every worker (``None``: a single worker).
+        device_mesh: verl's ``("dp", "sp")`` mesh when the transformer is sequence-parallel (the rollout takes its
+            ``sp`` group; the replay and the update run on the same module, so they are sequence-parallel too, and
+            ``all_reduce`` sums the token shards' gradients with the other groups'); ``None`` otherwise.
     """
 
-    def __init__(self, config: FlowGRPOConfig, all_reduce: AllReduce | None = None):
+    def __init__(self, config: FlowGRPOConfig, all_reduce: AllReduce | None = None, device_mesh: Any = None):
         from peft import LoraConfig
         from verl.workers.rollout.base import get_rollout_class
 
@@ -102,7 +105,7 @@ class FlowGRPOActor:
         self.all_reduce = all_reduce
         self.micro = config.actor.micro_batch_size
         rollout_cls = get_rollout_class("diffusion", "async")
-        self.rollout = rollout_cls(config=config.rollout, model_config=config.model, device_mesh=None)
+        self.rollout = rollout_cls(config=config.rollout, model_config=config.model, device_mesh=device_mesh)
         self.engine = self.rollout.engine
         if not hasattr(self.engine, "attach_trainer"):
             raise ValueError(f"the {type(self.engine).__name__} engine cannot share its transformer with a trainer")

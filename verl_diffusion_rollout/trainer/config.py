@@ -11,7 +11,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..config import DiffusionModelConfig, DiffusionRolloutConfig
+from ..config import DiffusionModelConfig, DiffusionRolloutConfig, attention_heads, check_heads
 from .rewards import check_reward_config
 
 __all__ = [
@@ -75,6 +75,9 @@ class ActorConfig:
     (2 * std_dev_t**2)`` with its ``std_dev_t`` (no ``sqrt(-dt)`` for ``sde``), so FlowGRPO's ``beta`` values mean
     what they mean there; ``exact`` divides by the transition variance ``(std_dev_t * sqrt(-dt))**2`` instead,
     the exact KL between the two step Gaussians, ``1 / (-dt)`` times FlowGRPO's for ``sde`` (equal for ``cps``).
+    ``ulysses_sequence_parallel_size`` (verl's key; the rollout follows it): S workers share every transformer
+    forward, each holding 1/S of the text and image tokens and H/S of the attention heads (Ulysses); it divides the
+    worker count and the transformer's heads. The workers form ``world / S`` data-parallel groups of S.
     """
 
     lr: float = 3e-4
@@ -91,6 +94,7 @@ class ActorConfig:
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
     recompute_old_log_probs: bool = False
+    ulysses_sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         key = "actor_rollout_ref.actor."
@@ -113,6 +117,7 @@ class ActorConfig:
         if self.kl_convention not in KL_CONVENTIONS:
             raise ValueError(f"{key}kl_convention must be one of {list(KL_CONVENTIONS)}, got {self.kl_convention!r}")
         _check_int(f"{key}ppo_epochs", self.ppo_epochs, 1)
+        _check_int(f"{key}ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size, 1)
         for name in ("mini_batch_size", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(f"{key}{name}", getattr(self, name), 1)
@@ -238,6 +243,11 @@ class FlowGRPOConfig:
     def prompts_per_step(self) -> int:
         return self.data.samples_per_step // self.rollout.n
 
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: the workers over the sequence-parallel size."""
+        return self.trainer.world_size // self.actor.ulysses_sequence_parallel_size
+
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> FlowGRPOConfig:
         """Validate and convert; every error names its key and fires before any model is loaded."""
@@ -293,12 +303,21 @@ class FlowGRPOConfig:
             raise ValueError(
                 f"data.samples_per_step={samples} must be a multiple of actor_rollout_ref.actor.micro_batch_size={micro}"
             )
-        world = trainer.world_size
-        if (samples // unit) % world:
+        world, sp = trainer.world_size, actor.ulysses_sequence_parallel_size
+        if world % sp:
+            raise ValueError(
+                f"trainer.nnodes x trainer.n_gpus_per_node = {world} workers do not split into sequence-parallel "
+                f"groups of actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}"
+            )
+        if sp > 1:
+            check_heads(sp, attention_heads(str(model_path)), "actor_rollout_ref.actor.ulysses_sequence_parallel_size")
+        groups = world // sp
+        if (samples // unit) % groups:
+            where = f"{world} workers" if sp == 1 else f"{groups} data-parallel groups ({world} workers / {sp})"
             raise ValueError(
                 f"data.samples_per_step={samples} makes {samples // unit} pieces of {unit} samples (whole groups of "
                 f"{n}, whole forward batches of {micro}), which do not split evenly over "
-                f"trainer.nnodes x trainer.n_gpus_per_node = {world} workers"
+                f"trainer.nnodes x trainer.n_gpus_per_node = {where}"
             )
         mini = actor.mini_batch_size or samples
         if mini % unit or samples % mini:

@@ -4,7 +4,8 @@ One RL step:
 
 1. draw ``samples_per_step / n`` prompts and a seed per sample, both functions of ``(trainer.seed, step)`` only, so
    a resumed run repeats an uninterrupted one and no sample depends on which worker draws it;
-2. hand whole GRPO groups to the workers (group ``g`` to worker ``g mod W``); each rolls them out through verl's
+2. hand whole GRPO groups to the data-parallel groups of workers (group ``g`` to DP group ``g mod D``; with
+   sequence parallelism the S workers of a DP group share every transformer forward); each rolls them out through verl's
    registered ``diffusion`` rollout, in forward batches of ``actor.micro_batch_size``, and scores each batch in the
    background while the next one samples;
 3. per-prompt group advantages over all groups (groups with equal rewards are dropped);
@@ -59,6 +60,7 @@ class FlowGRPOTrainer:
         )
         self.workers = make_workers(config)
         self.world_size = self.workers.world_size
+        self.dp_size = config.dp_size  # requests and results: one per data-parallel group
         self.step = 0
         self.history: list[dict[str, Any]] = []
         sums = self.workers.checksums()
@@ -198,15 +200,15 @@ class FlowGRPOTrainer:
         return [self.prompts[i] for i in idx], seeds
 
     def _assign(self, groups: int) -> list[list[int]]:
-        """The groups each worker samples and trains: units of ``max(n, micro_batch_size)`` samples (one group, or
-        one forward batch of whole groups) dealt round-robin, unit ``u`` to worker ``u mod W``."""
+        """The groups each data-parallel group samples and trains: units of ``max(n, micro_batch_size)`` samples (one
+        group, or one forward batch of whole groups) dealt round-robin, unit ``u`` to DP group ``u mod D``."""
         per_unit = max(1, self.config.actor.micro_batch_size // self.config.group_size)
         units = groups // per_unit
-        return [[u * per_unit + k for u in range(w, units, self.world_size) for k in range(per_unit)]
-                for w in range(self.world_size)]
+        return [[u * per_unit + k for u in range(w, units, self.dp_size) for k in range(per_unit)]
+                for w in range(self.dp_size)]
 
     def _update_requests(self, owned: list[list[int]], advantages: torch.Tensor, keep: torch.Tensor) -> list[dict]:
-        """Each worker's advantages, keep mask and mini-batch plan (in its own sample order).
+        """Each data-parallel group's advantages, keep mask and mini-batch plan (in its own sample order).
 
         Global mini-batch ``m`` holds samples ``m * mini .. (m + 1) * mini - 1``; a worker trains its forward
         batches in it, and every worker takes the optimizer step after it.

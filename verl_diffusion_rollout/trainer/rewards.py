@@ -23,6 +23,9 @@ import torch
 
 __all__ = [
     "REWARD_REGISTRY",
+    "to_pil_images",
+    "load_clip_image_processor",
+    "clip_pixel_values",
     "register_reward",
     "build_reward",
     "check_reward_config",
@@ -45,9 +48,19 @@ def register_reward(name: str) -> Callable:
 
 
 def _to_uint8_hwc(images: torch.Tensor):
+    """``[B, 3, H, W]`` floats in ``[0, 1]`` to ``[B, H, W, 3]`` uint8 numpy, as FlowGRPO's reward functions convert
+    them: ``(x * 255).round().clamp(0, 255)``."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil_images(images: torch.Tensor) -> list:
+    """``[B, 3, H, W]`` floats in ``[0, 1]`` to RGB PIL images: uint8 first, then PIL, the input the reference
+    scorers (FlowGRPO's PickScore and aesthetic rewards) hand to their CLIP processors."""
+    from PIL import Image
+
+    return [Image.fromarray(pixels) for pixels in _to_uint8_hwc(images)]
 
 
 def _jpeg_bits_per_pixel(images: torch.Tensor, quality: int) -> torch.Tensor:
@@ -118,24 +131,57 @@ def _require_path(reward: str, key: str, path: str | None, hint: str) -> str:
     return path
 
 
+# PickScore's and CLIP's text length (the processor call of PickScore's model card and FlowGRPO's scorer).
+CLIP_MAX_TEXT_TOKENS = 77
+
+
+def load_clip_image_processor(path: str) -> Any:
+    """The CLIP image preprocessing of the folder at ``path``, run with the PIL backend.
+
+    The reference scorers were written against transformers' PIL-based ``CLIPImageProcessor``: bicubic PIL resize
+    of the shortest edge, center crop, rescale by 1/255, normalisation with the folder's mean/std. transformers 5
+    loads a torchvision backend instead when torchvision is installed, whose tensor resize rounds differently, so
+    the PIL class is asked for by name (``CLIPImageProcessorPil``; transformers 4's ``CLIPImageProcessor`` is it).
+    """
+    try:
+        from transformers import CLIPImageProcessorPil as processor_cls
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as processor_cls
+    return processor_cls.from_pretrained(path)
+
+
+def clip_pixel_values(image_processor: Any, images: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, S, S]`` float32 CLIP input of ``images`` (``[B, 3, H, W]`` in ``[0, 1]``), via uint8 PIL images."""
+    return image_processor(images=to_pil_images(images), return_tensors="pt")["pixel_values"]
+
+
 @register_reward("pickscore")
 def pickscore(model_path: str | None = None, processor_path: str | None = None, device: str = "cpu") -> RewardFn:
-    """PickScore: CLIP image-text similarity from a local PickScore (CLIP) folder, scaled as FlowGRPO does (/26)."""
-    from transformers import AutoProcessor, CLIPModel
+    """PickScore as its model card and FlowGRPO compute it, divided by 26 as FlowGRPO does.
+
+    ``logit_scale.exp()`` times the cosine similarity of the L2-normalised CLIP image and text embeddings. Images
+    are quantised to uint8 and preprocessed by the processor folder (``processor_path``, default ``model_path``;
+    FlowGRPO uses ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s) with the PIL backend; prompts are padded and
+    truncated to 77 tokens.
+    """
+    from transformers import AutoTokenizer, CLIPModel
 
     model_path = _require_path("pickscore", "model_path", model_path, "PickScore_v1")
-    processor = AutoProcessor.from_pretrained(processor_path or model_path)
+    processor_path = processor_path or model_path
+    image_processor = load_clip_image_processor(processor_path)
+    tokenizer = AutoTokenizer.from_pretrained(processor_path)
     model = CLIPModel.from_pretrained(model_path).eval().to(device)
 
     @torch.no_grad()
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pixels = list(_to_uint8_hwc(images))
-        image_inputs = processor(images=pixels, return_tensors="pt").to(device)
-        text_inputs = processor(text=list(prompts), padding=True, truncation=True, return_tensors="pt").to(device)
-        image_embeds = _features(model.get_image_features(**image_inputs))
-        text_embeds = _features(model.get_text_features(**text_inputs))
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        pixel_values = clip_pixel_values(image_processor, images).to(device)
+        text = tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=CLIP_MAX_TEXT_TOKENS, return_tensors="pt"
+        ).to(device)
+        image_embeds = _features(model.get_image_features(pixel_values=pixel_values))
+        text_embeds = _features(model.get_text_features(**text))
+        image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         scores = model.logit_scale.exp() * (image_embeds * text_embeds).sum(dim=-1)
         return (scores / 26).float().cpu()
 
@@ -148,7 +194,7 @@ def _features(out: Any) -> torch.Tensor:
 
 
 class _AestheticHead(torch.nn.Module):
-    """The LAION aesthetic predictor's MLP on normalized CLIP image embeddings."""
+    """The LAION improved-aesthetic-predictor's MLP, applied to L2-normalised CLIP image embeddings."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -169,12 +215,16 @@ class _AestheticHead(torch.nn.Module):
 
 @register_reward("aesthetic")
 def aesthetic(clip_path: str | None = None, head_path: str | None = None, device: str = "cpu") -> RewardFn:
-    """LAION aesthetic score: a local CLIP folder plus the predictor head's weights (``.pth`` or ``.safetensors``)."""
-    from transformers import AutoProcessor, CLIPModel
+    """LAION aesthetic score as FlowGRPO computes it: the MLP head on L2-normalised CLIP ViT-L/14 image embeddings.
+
+    ``clip_path`` is a local ``openai/clip-vit-large-patch14`` folder (its processor preprocesses, PIL backend, from
+    uint8 images); ``head_path`` the predictor's weights (``.pth`` or ``.safetensors``).
+    """
+    from transformers import CLIPModel
 
     clip_path = _require_path("aesthetic", "clip_path", clip_path, "clip-vit-large-patch14")
     head_path = _require_path("aesthetic", "head_path", head_path, "sac+logos+ava1-l14-linearMSE.pth")
-    processor = AutoProcessor.from_pretrained(clip_path)
+    image_processor = load_clip_image_processor(clip_path)
     model = CLIPModel.from_pretrained(clip_path).eval().to(device)
     head = _AestheticHead(model.config.projection_dim)
     if head_path.endswith(".safetensors"):
@@ -188,9 +238,9 @@ def aesthetic(clip_path: str | None = None, head_path: str | None = None, device
 
     @torch.no_grad()
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        inputs = processor(images=list(_to_uint8_hwc(images)), return_tensors="pt").to(device)
-        embeds = _features(model.get_image_features(**inputs))
-        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        pixel_values = clip_pixel_values(image_processor, images).to(device)
+        embeds = _features(model.get_image_features(pixel_values=pixel_values))
+        embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
         return head(embeds).squeeze(-1).float().cpu()
 
     return fn

@@ -7,8 +7,13 @@ on its device and joins a ``torch.distributed`` process group (NCCL on GPUs, glo
 summing the float64 gradient accumulators before every optimizer step, so every worker steps with the same
 gradients and keeps bit-identical LoRA weights.
 
-Methods are registered with verl's dispatch modes: ``DP_COMPUTE`` takes one argument per worker (the driver's
-per-worker requests), ``ONE_TO_ALL`` broadcasts, ``RANK_ZERO`` runs on rank 0 only.
+With ``actor_rollout_ref.actor.ulysses_sequence_parallel_size = S > 1`` the workers also build verl's
+``("dp", "sp")`` device mesh: the ``S`` ranks of an ``sp`` group share every transformer forward (Ulysses sequence
+parallelism) and sample and train the same samples. The gradient sum stays over all workers, so it adds up every
+group's token shards and every data-parallel group's samples.
+
+Methods are registered with verl's dispatch modes: :func:`~.dispatch.per_dp_group` takes one argument per
+data-parallel group (the driver's requests), ``ONE_TO_ALL`` broadcasts, ``RANK_ZERO`` runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from verl.single_controller.base.decorator import Dispatch, Execute, register
 
 from .actor import FlowGRPOActor, GenerateResult, MiniBatchPlan, UpdateResult
 from .config import FlowGRPOConfig
+from .dispatch import MESH, per_dp_group
 
 __all__ = ["FlowGRPOWorker"]
 
@@ -56,9 +62,18 @@ class FlowGRPOWorker(Worker):
                 world_size=self.world_size,
                 device_id=torch.device("cuda", 0) if on_gpu else None,
             )
-        self.actor = FlowGRPOActor(self.config, all_reduce=self._all_reduce)
+        sp = self.config.actor.ulysses_sequence_parallel_size
+        mesh, dp_rank, leader = None, self.rank, True
+        if sp > 1:  # verl's layout: groups of sp consecutive ranks; each group's first rank reports for it
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cuda" if on_gpu else "cpu", (self.world_size // sp, sp), mesh_dim_names=("dp", "sp"))
+            dp_rank, leader = mesh["dp"].get_local_rank(), mesh["sp"].get_local_rank() == 0
+        self._register_dispatch_collect_info(MESH, dp_rank=dp_rank, is_collect=leader)
+        self.actor = FlowGRPOActor(self.config, all_reduce=self._all_reduce, device_mesh=mesh)
         return {
             "rank": self.rank,
+            "dp_rank": dp_rank,
             "host": os.uname().nodename,
             "device": str(self.actor.device),
             "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -70,11 +85,11 @@ class FlowGRPOWorker(Worker):
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
-    @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
+    @register(dispatch_mode=per_dp_group(), blocking=False)
     def generate(self, request: dict[str, Any]) -> GenerateResult:
         return self.actor.generate(**request)
 
-    @register(dispatch_mode=Dispatch.DP_COMPUTE, blocking=False)
+    @register(dispatch_mode=per_dp_group(), blocking=False)
     def update(self, request: dict[str, Any]) -> UpdateResult:
         plan = [MiniBatchPlan(**p) for p in request["plan"]]
         return self.actor.update(request["advantages"], request["keep"], plan)

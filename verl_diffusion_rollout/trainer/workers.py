@@ -1,8 +1,8 @@
 """The driver's handle on its workers: one in this process, or a verl ``RayWorkerGroup`` of them.
 
-Both expose the same calls, taking one request per worker and returning one result per worker:
-``generate``, ``update``, ``state`` (rank 0), ``load_state``, ``checksums``, ``close``. A worker that dies
-raises :class:`WorkerFailed` naming its rank and what it was doing.
+Both expose the same calls, ``generate`` and ``update`` taking one request per data-parallel group and returning
+one result per group (its sequence-parallel rank 0's), and ``state`` (rank 0), ``load_state``, ``checksums`` (one
+per worker), ``close``. A worker that dies raises :class:`WorkerFailed` naming its rank and what it was doing.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from .actor import FlowGRPOActor, GenerateResult, MiniBatchPlan, UpdateResult
 from .config import FlowGRPOConfig
+from .dispatch import dp_leaders
 
 __all__ = ["WorkerFailed", "LocalWorkers", "RayWorkers", "make_workers"]
 
@@ -104,10 +105,10 @@ class RayWorkers:
         return results
 
     def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
-        return self._call("generate", self.group.generate(requests))
+        return dp_leaders(self.group, self._call("generate", self.group.generate(requests)))
 
     def update(self, requests: list[dict[str, Any]]) -> list[UpdateResult]:
-        return self._call("update", self.group.update(requests))
+        return dp_leaders(self.group, self._call("update", self.group.update(requests)))
 
     def state(self) -> dict[str, Any]:
         return self._call("state", [self.group.execute_rank_zero_async("state")])[0]
