@@ -224,6 +224,23 @@ def test_cuda_resume_continues_exactly(tiny_model_path, tmp_path, dtype):
     assert step4_resumed["grad_norm"] == pytest.approx(step4_full["grad_norm"], rel=5e-2)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_role_chain_equals_monolithic_bf16(tiny_model_path, compile):
+    """Encoder -> denoiser -> decoder engines on the GPU in bf16 give the monolithic engine's tensors exactly."""
+    kwargs = dict(device="cuda", dtype=torch.bfloat16, compile=compile)
+    mono = DiffusersEngine(tiny_model_path, **kwargs)
+    encoder, denoiser, decoder = (DiffusersEngine(tiny_model_path, role=r, **kwargs)
+                                  for r in ("encoder", "denoiser", "decoder"))
+    whole = mono.generate(PROMPTS, n=2, sampling=SAMPLING, seeds=[1, 2, 3, 4])
+    env = encoder.encode(PROMPTS, SAMPLING)
+    denoised = denoiser.denoise(env, PROMPTS, seeds=[1, 2, 3, 4], sampling=SAMPLING, n=2)
+    chained = denoised.with_images(decoder.decode(denoised.final_latents, SAMPLING))
+    expected, got = whole.to_dict(), chained.to_dict()
+    assert set(expected) == set(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
 def test_cuda_sglang_protocol(tiny_model_path):
     """sglang's protocol on a bf16 CUDA engine: msgpack answers equal to the native schema's, peak memory reported,
     and the weights' checksum unchanged by a release/resume of the GPU memory."""

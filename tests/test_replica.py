@@ -41,7 +41,8 @@ def test_replica_serves_generate_from_a_ray_actor(ray_cpu, tiny_model_path):
     assert version == 1
     with httpx.Client(base_url=f"http://{replica.server_address}", timeout=60) as client:
         health = client.get("/health").json()
-        assert health == {"status": "ok", "sleeping": False, "weight_version": 1}
+        assert health == {"status": "ok", "sleeping": False, "weight_version": 1, "role": "monolithic",
+                          "modules": ["scheduler", "vae", "text_encoder", "tokenizer", "transformer"]}
         r = client.post("/rollout/generate", json={"prompts": ["a red cat"], "seeds": [7], "n": 1, "return_env": False})
         assert r.status_code == 200 and r.json()["samples"][0]["seed"] == 7
     asyncio.run(replica.shutdown())

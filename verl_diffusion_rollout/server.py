@@ -13,11 +13,18 @@ Endpoints:
 * ``POST /update_weights``: the named tensors as a safetensors body (``application/x-safetensors`` or
   ``application/octet-stream``; the peft config may ride in the safetensors metadata under ``peft_config``),
   or JSON ``{"tensors": {name: tensor-object}, "peft_config": {...}}``. Answers the new weight version.
-* ``GET /health`` (never authenticated), ``GET /weight_version``, ``POST /sleep``, ``POST /wake_up``.
+* ``GET /health`` (never authenticated; reports the engine's ``role`` and loaded ``modules``), ``GET
+  /weight_version``, ``POST /sleep``, ``POST /wake_up``.
+* Roles (``--role``, :class:`~verl_diffusion_rollout.stages.Role`): an ``encoder`` answers ``POST /rollout/encode``
+  (prompts -> prompt embeddings), a ``denoiser`` answers ``POST /rollout/generate`` given those embeddings instead of
+  prompts (the contract without images, plus each sample's final latent), a ``decoder`` answers ``POST
+  /rollout/decode`` (final latents -> images); a ``monolithic`` server (the default) answers all of them. Bodies:
+  :mod:`verl_diffusion_rollout.role_protocol`. A request the role cannot serve gets a 400 naming the role.
 * sglang's protocol (:mod:`~verl_diffusion_rollout.sglang_protocol`): ``POST /rollout/generate`` with sglang's
   ``RolloutRequest`` body answers sglang's list of ``RolloutResponse`` objects (msgpack with
   ``Accept: application/msgpack``, else JSON); ``POST /release_memory_occupation``,
-  ``POST /resume_memory_occupation`` (sleep / wake up) and ``POST /get_weights_checksum``.
+  ``POST /resume_memory_occupation`` (sleep / wake up) and ``POST /get_weights_checksum``. Generating from a
+  ``RolloutRequest`` takes a monolithic server (a role server answers 400 naming its role).
 
 Security: with an API key (``--api-key``, ``VDR_API_KEY`` or ``rollout.server_api_key``) every endpoint but
 ``GET /health`` needs ``Authorization: Bearer <key>`` (401 otherwise; compared in constant time). Binding a
@@ -55,8 +62,9 @@ from starlette.concurrency import run_in_threadpool
 from .config import DiffusionSamplingConfig, ServerLimits
 from .contract import ENV_KEYS, RolloutBatch
 from .engines import DiffusionEngine
-from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput
+from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput, RoleMismatch
 from .lora_sync import WeightUpdateError, to_lora_config
+from .role_protocol import DecodeRequest, EmbeddingsGenerateRequest, EncodeRequest, env_from_json, env_to_json
 from .serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_from_bytes, tensor_from_json, tensor_to_json
 from .sglang_protocol import (
     MSGPACK_MEDIA_TYPE,
@@ -67,6 +75,7 @@ from .sglang_protocol import (
     translate_request,
     wants_msgpack,
 )
+from .stages import ROLE_NAMES, DenoisedBatch, Role, check_role_serves
 
 __all__ = ["build_app", "serve_in_thread", "main", "RolloutServer", "check_bind", "API_KEY_ENV"]
 
@@ -77,16 +86,17 @@ DISCONNECT_POLL_S = 0.05  # how often a running generation checks whether its cl
 _PER_STEP_KEYS = ("rollout_log_probs", "sde_mask", "all_timesteps", "all_sigmas")
 
 
-def _sample_entries(batch: RolloutBatch, return_env: bool, return_trajectory: bool) -> list[dict[str, Any]]:
-    """Split a batch into one JSON-ready entry per sample."""
+def _sample_entries(batch: RolloutBatch | DenoisedBatch, return_env: bool, return_trajectory: bool) -> list[dict[str, Any]]:
+    """Split a batch into one JSON-ready entry per sample (a denoiser's batch has no image; it gives the final
+    latent instead)."""
     tensors = batch.to_dict()
     entries = []
     for b in range(len(batch)):
-        entry: dict[str, Any] = {
-            "prompt": batch.prompts[b],
-            "seed": int(batch.seeds[b]),
-            "image": tensor_to_json(batch.responses[b]),
-        }
+        entry: dict[str, Any] = {"prompt": batch.prompts[b], "seed": int(batch.seeds[b])}
+        if isinstance(batch, RolloutBatch):
+            entry["image"] = tensor_to_json(batch.responses[b])
+        else:
+            entry["final_latent"] = tensor_to_json(batch.final_latents[b])
         for key in _PER_STEP_KEYS:
             entry[key] = tensor_to_json(tensors[key][b])
         if return_trajectory:
@@ -240,7 +250,7 @@ def engine_error(err: BaseException) -> HTTPException:
         return HTTPException(status_code=499, detail=f"client closed the request: {message}")
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         return HTTPException(status_code=503, detail=f"out of memory: {message}")
-    if isinstance(err, WeightUpdateError):
+    if isinstance(err, (WeightUpdateError, RoleMismatch)):
         return HTTPException(status_code=400, detail=message)
     if isinstance(err, ValueError):
         return HTTPException(status_code=422, detail=message)
@@ -288,9 +298,14 @@ def build_app(
     def bad_request(err: Exception, status: int = 400) -> HTTPException:
         return HTTPException(status_code=status, detail=str(err))
 
+    roles = RoleEndpoints(engine, default_sampling, limits)
+    app.post("/rollout/encode")(roles.encode)
+    app.post("/rollout/decode")(roles.decode)
+
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "sleeping": engine.is_sleeping, "weight_version": engine.weight_version}
+        return {"status": "ok", "sleeping": engine.is_sleeping, "weight_version": engine.weight_version,
+                "role": engine.role.value, "modules": list(engine.modules)}
 
     @app.get("/weight_version")
     def weight_version() -> dict[str, int]:
@@ -319,6 +334,8 @@ def build_app(
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
             raise bad_request(ValueError(f"request body is not valid JSON: {err}")) from err
+        if engine.role is not Role.MONOLITHIC or (isinstance(body, dict) and "env" in body):
+            return await roles.generate_from_env(body, request)  # a denoiser's: from prompt embeddings
         try:
             sglang_body = speaks_sglang(body, GenerateRequest.model_fields)
         except ValueError as err:
@@ -366,6 +383,121 @@ def build_app(
 
     app.include_router(sglang_weights_router(engine, limits))
     return app
+
+
+# -- role endpoints: encode, generate from embeddings, decode ----------------------------------------------------------
+
+
+def _parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """A JSON body validated as ``model``: 400 if it is not JSON, 422 if it does not fit."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise HTTPException(status_code=400, detail=f"request body is not valid JSON: {err}") from err
+    return _validate(body, model)
+
+
+def _validate(body: Any, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise HTTPException(status_code=422, detail=str(err.errors(include_url=False, include_input=False))) from err
+
+
+def _role_error(engine: DiffusionEngine, stage: str) -> None:
+    """400 naming the role before a request's tensors are even parsed, when the role cannot serve ``stage``."""
+    try:
+        check_role_serves(engine.role, stage, engine.modules)
+    except RoleMismatch as err:
+        raise HTTPException(status_code=400, detail=str(err)) from err
+
+
+class RoleEndpoints:
+    """The handlers of one stage each (``POST /rollout/encode``, ``/rollout/decode``, and ``/rollout/generate`` from
+    embeddings), bounded by the server's limits like every request; the bodies are
+    :mod:`verl_diffusion_rollout.role_protocol`'s."""
+
+    def __init__(self, engine: DiffusionEngine, default_sampling: DiffusionSamplingConfig, limits: ServerLimits):
+        self.engine, self.default_sampling, self.limits = engine, default_sampling, limits
+
+    def _sampling(self, overrides: dict[str, Any], **fixed: Any) -> DiffusionSamplingConfig:
+        try:
+            sampling = self.default_sampling.replace(**{**overrides, **fixed})
+        except (ValueError, TypeError) as err:
+            raise HTTPException(status_code=422, detail=str(err)) from err
+        check_sampling_limits(sampling, self.limits)
+        return sampling
+
+    def _check_prompts(self, prompts: list[str], samples: int) -> None:
+        if samples > self.limits.max_samples:
+            raise _limit_error(self.limits, "max_samples", samples, "samples")
+        longest = max((len(p) for p in prompts), default=0)
+        if longest > self.limits.max_prompt_chars:
+            raise _limit_error(self.limits, "max_prompt_chars", longest, "prompt length in characters")
+
+    async def encode(self, request: Request) -> dict[str, Any]:
+        """Prompts -> the denoising environment, one row per prompt."""
+        _role_error(self.engine, "encode")
+        raw = await read_body(request, self.limits.request_bytes, self.limits.flag("max_request_mb"))
+        req = _parse_body(raw, EncodeRequest)
+        self._check_prompts(req.prompts, len(req.prompts))
+        sampling = self._sampling(req.sampling)
+        start = time.perf_counter()
+        env = await _call(self.engine.encode, req.prompts, sampling)
+        encode_s = time.perf_counter() - start
+        return {
+            "family": self.engine.family,
+            "prompts": req.prompts,
+            "sampling": sampling.to_dict(),
+            "env": await run_in_threadpool(env_to_json, env),
+            "timing": {"encode_s": encode_s},
+        }
+
+    async def generate_from_env(self, body: Any, request: Request) -> dict[str, Any]:
+        """Prompt embeddings -> the rollout contract without images (the body is already read and bounded)."""
+        if not (isinstance(body, dict) and "env" in body):
+            _role_error(self.engine, "generate")  # prompts alone: only a monolithic server generates from them
+        _role_error(self.engine, "denoise")
+        req = _validate(body, EmbeddingsGenerateRequest)
+        self._check_prompts(req.prompts, len(req.prompts) * req.n)
+        sampling = self._sampling(req.sampling, return_debug=req.return_debug)
+        try:
+            env = await run_in_threadpool(env_from_json, req.env)
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from err
+        gone = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
+        try:
+            batch = await _call(self.engine.denoise, env, req.prompts, req.seeds, sampling, req.n, req.window_seed,
+                                cancel=gone.is_set)
+        finally:
+            watcher.cancel()
+        samples = await _call(_sample_entries, batch, req.return_env, req.return_trajectory)
+        return {
+            "weight_version": batch.weight_version,
+            "family": batch.family,
+            "timing": batch.timings,
+            "sampling": batch.sampling.to_dict(),
+            "samples": samples,
+        }
+
+    async def decode(self, request: Request) -> dict[str, Any]:
+        """Final latents ``[B, ...]`` -> images ``[B, 3, H, W]``, in one VAE batch."""
+        _role_error(self.engine, "decode")
+        raw = await read_body(request, self.limits.request_bytes, self.limits.flag("max_request_mb"))
+        req = _parse_body(raw, DecodeRequest)
+        sampling = self._sampling(req.sampling)
+        try:
+            latents = tensor_from_json(req.latents)
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=f"latents: {err}") from err
+        rows = latents.shape[0] if latents.ndim else 0
+        if rows > self.limits.max_samples:
+            raise _limit_error(self.limits, "max_samples", rows, "latents to decode")
+        start = time.perf_counter()
+        images = await _call(self.engine.decode, latents, sampling)
+        return {"images": await run_in_threadpool(tensor_to_json, images),
+                "timing": {"decode_s": time.perf_counter() - start}}
 
 
 def _parse_update(raw: bytes, content_type: str) -> tuple[dict[str, torch.Tensor], Any]:
@@ -575,6 +707,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="verl_diffusion_rollout HTTP rollout server")
     parser.add_argument("--model-path", required=True, help="diffusers model folder (model_index.json at its root)")
     parser.add_argument("--engine", default="diffusers", choices=["diffusers", "vllm_omni"])
+    parser.add_argument(
+        "--role", default="monolithic", choices=list(ROLE_NAMES),
+        help="the stages this server loads and serves: monolithic (all, default), encoder (text encoders: POST "
+        "/rollout/encode), denoiser (transformer: POST /rollout/generate from embeddings, weight updates), decoder "
+        "(VAE: POST /rollout/decode); the other modules are never read from disk (diffusers engine)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -619,8 +757,12 @@ def main(argv: list[str] | None = None) -> None:
         check_bind(args.host, api_key, args.allow_unauthenticated)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.role != Role.MONOLITHIC.value and args.engine != "diffusers":
+        raise SystemExit(f"error: --role {args.role} needs --engine diffusers (the {args.engine} engine is monolithic)")
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() and args.device != "cpu" else "float32")
-    engine = get_engine_class(args.engine)(args.model_path, device=args.device, dtype=dtype, seed=args.seed)
+    role_kwargs = {} if args.role == Role.MONOLITHIC.value else {"role": args.role}
+    engine = get_engine_class(args.engine)(args.model_path, device=args.device, dtype=dtype, seed=args.seed,
+                                           **role_kwargs)
     uvicorn.run(build_app(engine, api_key=api_key, limits=limits), host=args.host, port=args.port)
 
 

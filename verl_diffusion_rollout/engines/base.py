@@ -14,7 +14,8 @@ import torch
 
 from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
-from ..errors import NonFiniteOutput
+from ..errors import NonFiniteOutput, RoleMismatch
+from ..stages import DenoisedBatch, Role
 
 __all__ = [
     "DiffusionEngine",
@@ -128,17 +129,16 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-def check_finite_batch(batch: RolloutBatch) -> None:
+def check_finite_batch(batch: RolloutBatch | DenoisedBatch) -> None:
     """Raise :class:`~verl_diffusion_rollout.errors.NonFiniteOutput` if a rollout holds NaN or Inf.
 
-    Checks the log-probs, the images and the final latent: every step feeds the next, so a non-finite value
-    anywhere in the trajectory reaches the final latent.
+    Checks the log-probs, the images (a denoiser's batch has none) and the final latent: every step feeds the next,
+    so a non-finite value anywhere in the trajectory reaches the final latent.
     """
-    checks = {
-        "rollout_log_probs": batch.rollout_log_probs,
-        "responses (images)": batch.responses,
-        "all_latents (final latent)": batch.all_latents[:, -1],
-    }
+    checks = {"rollout_log_probs": batch.rollout_log_probs}
+    if isinstance(batch, RolloutBatch):
+        checks["responses (images)"] = batch.responses
+    checks["all_latents (final latent)"] = batch.all_latents[:, -1]
     bad = [name for name, tensor in checks.items() if not bool(torch.isfinite(tensor).all())]
     if bad:
         rows = sorted({int(b) for name in bad for b in _nonfinite_rows(checks[name])})
@@ -198,6 +198,45 @@ class DiffusionEngine(ABC):
     @property
     def is_sleeping(self) -> bool:
         return False
+
+    @property
+    def role(self) -> Role:
+        """Which stages the engine serves (:class:`~verl_diffusion_rollout.stages.Role`); engines without roles
+        are monolithic."""
+        return Role.MONOLITHIC
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Names of the pipeline components the engine loaded (empty where the engine does not say)."""
+        return ()
+
+    @property
+    def family(self) -> str | None:
+        """The model family served (``"qwenimage"``, ``"sd3"``), where the engine says."""
+        return None
+
+    # The stages one at a time (roles); engines that run whole rollouts only refuse them.
+
+    def encode(self, prompts: Sequence[str], sampling: DiffusionSamplingConfig | None = None) -> dict[str, torch.Tensor | None]:
+        """The denoising environment of ``prompts``, one row per prompt."""
+        raise RoleMismatch(f"the {type(self).__name__} runs whole rollouts only: it serves no separate encode stage")
+
+    def denoise(
+        self,
+        env: dict[str, torch.Tensor | None],
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        sampling: DiffusionSamplingConfig | None = None,
+        n: int = 1,
+        window_seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> DenoisedBatch:
+        """Sample ``n`` per prompt from encoded prompts (no images)."""
+        raise RoleMismatch(f"the {type(self).__name__} runs whole rollouts only: it serves no separate denoise stage")
+
+    def decode(self, latents: torch.Tensor, sampling: DiffusionSamplingConfig | None = None) -> torch.Tensor:
+        """Images of final latents."""
+        raise RoleMismatch(f"the {type(self).__name__} runs whole rollouts only: it serves no separate decode stage")
 
     def weights_checksum(self, module_names: Sequence[str] | None = None) -> dict[str, str]:
         """SHA-256 (:func:`~verl_diffusion_rollout.serialization.weights_sha256`) of each named module's live

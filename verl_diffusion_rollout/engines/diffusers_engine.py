@@ -7,14 +7,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..config import DiffusionSamplingConfig, LoRASyncConfig, attention_heads, check_heads
 from ..contract import RolloutBatch
-from ..errors import EngineAsleep
+from ..errors import EngineAsleep, NonFiniteOutput
 from ..lora_sync import (
     AdapterLoRA,
     FullWeightSync,
@@ -28,13 +28,18 @@ from ..lora_sync import (
 )
 from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
+from ..pipelines.components import load_pipeline, loaded_modules
+from ..pipelines.loop import run_denoise
+from ..pipelines.prompt_cache import PromptEmbeddingCache
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..serialization import weights_sha256
+from ..stages import DenoisedBatch, Role, check_role_serves, parse_role
 from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
 
 __all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
 
 COMPILED_GRAPHS_PER_BLOCK = 64  # torch._dynamo recompile limit set when the engine compiles its blocks
+PROMPT_CACHE_MB = 256.0  # default budget of the per-engine cache of prompt embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +86,16 @@ class DiffusersEngine(DiffusionEngine):
         fast_attention: let the model family swap in its faster attention processor, if it has one
             (:meth:`~verl_diffusion_rollout.pipelines.loop.DenoisingFamily.use_fast_attention`; Qwen-Image's computes
             the same function with real-valued RoPE that ``torch.compile`` fuses; SD3 keeps diffusers' processors).
+        role: which stages this engine loads and serves (:class:`~verl_diffusion_rollout.stages.Role`):
+            ``"monolithic"`` (every module, the default), ``"encoder"`` (text encoders and tokenizers: :meth:`encode`),
+            ``"denoiser"`` (transformer and scheduler: :meth:`denoise`, weight updates), ``"decoder"`` (VAE:
+            :meth:`decode`). The other modules are never read from disk.
+        prompt_cache_mb: budget of the cache of per-prompt text embeddings (each distinct prompt is encoded once
+            while it stays cached; the text encoders are frozen); 0 turns it off.
         sequence_parallel: the group this engine shares every transformer forward with (Ulysses sequence
             parallelism, :mod:`verl_diffusion_rollout.parallel`); every rank of it must make the same calls with the
             same requests, and each returns the full result. ``None`` or a group of 1: no sequence parallelism (and
-            no trace of it in the model).
+            no trace of it in the model). Only for roles that load the transformer.
     """
 
     def __init__(
@@ -99,26 +110,40 @@ class DiffusersEngine(DiffusionEngine):
         compile: bool = False,
         attention_backend: str = "auto",
         fast_attention: bool = True,
+        role: Role | str = Role.MONOLITHIC,
+        prompt_cache_mb: float = PROMPT_CACHE_MB,
         sequence_parallel: SequenceParallel | None = None,
     ):
         self.model_path = str(model_path)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        self._role = parse_role(role)
+        if isinstance(prompt_cache_mb, bool) or not isinstance(prompt_cache_mb, (int, float)) or not prompt_cache_mb >= 0:
+            raise ValueError(f"prompt_cache_mb must be a number >= 0, got {prompt_cache_mb!r}")
         pipeline_cls = get_pipeline_class(pipeline_class_name(self.model_path))
         if sequence_parallel is not None and sequence_parallel.size > 1:
+            if self._role not in (Role.MONOLITHIC, Role.DENOISER):
+                raise ValueError(
+                    f"sequence_parallel (size {sequence_parallel.size}) splits the transformer, which the "
+                    f"{self._role.value!r} role does not load; use it with the denoiser or monolithic role"
+                )
             check_heads(sequence_parallel.size, attention_heads(self.model_path), "ulysses_sequence_parallel_size")
         else:
             sequence_parallel = None
         self.sequence_parallel = sequence_parallel
-        pipe = pipeline_cls.from_pretrained(self.model_path, dtype=self.dtype)
-        pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe = load_pipeline(pipeline_cls, self.model_path, self._role, self.dtype)
+        if pipe.scheduler is not None:
+            pipe.scheduler = FlowMatchSDEDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=not progress_bar)
         pipe.attention_backend = attention_backend
+        pipe.prompt_cache = PromptEmbeddingCache(int(prompt_cache_mb * 2**20)) if prompt_cache_mb else None
         self.pipe = pipe.to(self.device)
+        self._modules = loaded_modules(pipe)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
-        self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention else None
+        has_transformer = pipe.transformer is not None
+        self.attn_processor = pipe.family.use_fast_attention(pipe.transformer) if fast_attention and has_transformer else None
         # Sequence parallelism: every forward of the transformer (rollout, replay, update) runs on this rank's token
         # shards; its collectives must come in the same order on every rank, so generations run one at a time.
         self.sp_handle = None
@@ -126,7 +151,7 @@ class DiffusersEngine(DiffusionEngine):
         if sequence_parallel is not None:
             self.sp_handle = pipe.family.use_sequence_parallel(pipe.transformer, sequence_parallel)
             self._sp_serial = threading.Lock()
-        if compile:
+        if compile and has_transformer:
             # One compiled graph per distinct block structure (SD3.5's dual-attention and plain blocks, the last
             # context-pre-only block) x mode (inference, autograd, adapters off for a KL reference) x batch shape:
             # more than dynamo's default limit of 8, past which the remaining blocks would silently run eagerly.
@@ -158,6 +183,18 @@ class DiffusersEngine(DiffusionEngine):
     def is_sleeping(self) -> bool:
         return self._sleeping
 
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self._modules
+
+    @property
+    def family(self) -> str:
+        return self.pipe.family.name
+
     def generate(
         self,
         prompts: Sequence[str],
@@ -173,13 +210,11 @@ class DiffusersEngine(DiffusionEngine):
         once it returns True). Raises :class:`~verl_diffusion_rollout.errors.EngineAsleep` while asleep and
         :class:`~verl_diffusion_rollout.errors.NonFiniteOutput` instead of returning NaN/Inf.
         """
+        check_role_serves(self._role, "generate", self._modules)
         request = expand_group_request(prompts, seeds, n, self._rng)
-        sampling = sampling or DiffusionSamplingConfig()
-        if not isinstance(sampling, DiffusionSamplingConfig):
-            raise ValueError(f"sampling must be a DiffusionSamplingConfig, got {type(sampling).__name__}")
+        sampling = _check_sampling(sampling)
         with self._lock.read():
-            if self._sleeping:
-                raise EngineAsleep("the engine is asleep (weights released); call wake_up() before generate()")
+            self._check_awake("generate")
             with self._sp_serial:
                 batch = self.pipe(
                     request.prompts, seeds=request.seeds, sampling=sampling, window_seed=window_seed, cancel=cancel
@@ -200,6 +235,7 @@ class DiffusersEngine(DiffusionEngine):
             raise WeightUpdateError(
                 "a trainer trains this engine's transformer in place (attach_trainer); it has no weights to receive"
             )
+        check_role_serves(self._role, "weights", self._modules)
         start = time.perf_counter()
         first, stream = iter_with_first(weights)
         if first is None:
@@ -258,6 +294,72 @@ class DiffusersEngine(DiffusionEngine):
         staged = self._full.stage(stream)
         self._full.commit(staged)
 
+    # -- the stages one at a time (roles) -------------------------------------------------------------------------
+
+    def encode(
+        self, prompts: Sequence[str], sampling: DiffusionSamplingConfig | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """The denoising environment of ``prompts``, one row per prompt (CPU tensors, the family's keys; see
+        :func:`~verl_diffusion_rollout.stages.expand_env`). Needs the ``encoder`` or ``monolithic`` role."""
+        check_role_serves(self._role, "encode", self._modules)
+        sampling = _check_sampling(sampling)
+        prompts = self.pipe.check_text_inputs(prompts, sampling)
+        with self._lock.read():
+            self._check_awake("encode")
+            env = self.pipe.encode_denoising_env(prompts, sampling, self.pipe._execution_device)
+        return {key: None if value is None else value.cpu() for key, value in env.items()}
+
+    def denoise(
+        self,
+        env: Mapping[str, torch.Tensor | None],
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        sampling: DiffusionSamplingConfig | None = None,
+        n: int = 1,
+        window_seed: int | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> DenoisedBatch:
+        """Sample ``n`` per prompt from encoded prompts: ``env`` has one row per entry of ``prompts`` (as
+        :meth:`encode` returns it); the result is what :meth:`generate` returns without the images, bit for bit.
+
+        The embeddings are checked first (keys, shapes, dtype, finiteness: ``ValueError`` naming the key and the
+        expected shape); a refused request draws no seeds and changes nothing. Needs the ``denoiser`` or
+        ``monolithic`` role.
+        """
+        check_role_serves(self._role, "denoise", self._modules)
+        sampling = _check_sampling(sampling)
+        prompts = list(prompts)
+        self.pipe.check_denoise_inputs(env, len(prompts), sampling)
+        request = expand_group_request(prompts, seeds, n, self._rng)
+        with self._lock.read():
+            self._check_awake("denoise")
+            with self._sp_serial:
+                batch = run_denoise(
+                    self.pipe, env, n, request.prompts, request.seeds, sampling, window_seed=window_seed, cancel=cancel
+                )
+            batch.weight_version = self._version
+        check_finite_batch(batch)
+        return batch
+
+    def decode(self, latents: torch.Tensor, sampling: DiffusionSamplingConfig | None = None) -> torch.Tensor:
+        """``[B, 3, H, W]`` float32 images in [0, 1] (CPU) of final latents as a denoiser returns them
+        (:attr:`DenoisedBatch.final_latents`), decoded in one VAE batch as :meth:`generate` decodes. Needs the
+        ``decoder`` or ``monolithic`` role."""
+        check_role_serves(self._role, "decode", self._modules)
+        sampling = _check_sampling(sampling)
+        self.pipe.check_decode_inputs(latents, sampling)
+        with self._lock.read():
+            self._check_awake("decode")
+            images = self.pipe.decode_latents(latents.to(self.pipe._execution_device), sampling.height, sampling.width)
+        images = images.cpu()
+        if not bool(torch.isfinite(images).all()):
+            raise NonFiniteOutput("the decode produced NaN/Inf images; nothing is returned")
+        return images
+
+    def _check_awake(self, what: str) -> None:
+        if self._sleeping:
+            raise EngineAsleep(f"the engine is asleep (weights released); call wake_up() before {what}()")
+
     # -- a trainer training this engine's transformer in place ------------------------------------------------------
 
     def attach_trainer(self, autograd_stochastic_steps: bool | None = None) -> torch.nn.Module:
@@ -271,6 +373,7 @@ class DiffusersEngine(DiffusionEngine):
         :meth:`modify_weights`. In-memory syncs (:meth:`update_weights`) are refused from then on: the trainer
         owns the weights.
         """
+        check_role_serves(self._role, "weights", self._modules)
         if self._lora is not None or self._full is not None:
             raise RuntimeError("attach_trainer() must come before any update_weights(): the engine already holds synced weights")
         if autograd_stochastic_steps is None:
@@ -292,6 +395,8 @@ class DiffusersEngine(DiffusionEngine):
         with self._lock.write():
             if self._sleeping:
                 return
+            if self.pipe.prompt_cache is not None:  # cached embeddings live on the device
+                self.pipe.prompt_cache.clear()
             if self.device.type != "cpu":
                 self._move_to(torch.device("cpu"))
                 torch.cuda.empty_cache()
@@ -329,3 +434,10 @@ class DiffusersEngine(DiffusionEngine):
             self.pipe = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _check_sampling(sampling: DiffusionSamplingConfig | None) -> DiffusionSamplingConfig:
+    sampling = sampling or DiffusionSamplingConfig()
+    if not isinstance(sampling, DiffusionSamplingConfig):
+        raise ValueError(f"sampling must be a DiffusionSamplingConfig, got {type(sampling).__name__}")
+    return sampling

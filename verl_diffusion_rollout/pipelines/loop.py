@@ -28,6 +28,7 @@ from ..contract import DEBUG_KEYS, FAMILY_ENV_KEYS, RolloutBatch
 from ..errors import GenerationCancelled
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
+from ..stages import DenoisedBatch, expand_env
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -36,9 +37,13 @@ __all__ = [
     "TrajectoryRecorder",
     "Velocity",
     "attention_backend",
+    "check_prompts",
     "denoise_loop",
+    "denoised_batch",
     "per_sample_generators",
     "rollout_batch",
+    "run_denoise",
+    "run_rollout",
 ]
 
 ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
@@ -268,6 +273,35 @@ def denoise_loop(
     )
 
 
+def denoised_batch(
+    trajectory: Trajectory,
+    env: Mapping[str, torch.Tensor | None],
+    *,
+    family: str,
+    seeds: Sequence[int],
+    prompts: list[str],
+    sampling: DiffusionSamplingConfig,
+    timings: dict[str, float],
+) -> DenoisedBatch:
+    """What a denoising run produced, as the contract holds it: CPU tensors, the family's environment, per-sample
+    schedule rows; everything but the images."""
+    batch = len(seeds)
+    return DenoisedBatch(
+        all_latents=trajectory.latents,
+        all_timesteps=trajectory.timesteps.expand(batch, -1).contiguous(),
+        all_sigmas=trajectory.sigmas.expand(batch, -1).contiguous(),
+        rollout_log_probs=trajectory.log_probs,
+        sde_mask=trajectory.sde_mask,
+        seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
+        prompts=prompts,
+        sampling=sampling,
+        env={key: None if value is None else value.cpu() for key, value in env.items()},
+        family=family,
+        debug=trajectory.debug,
+        timings=timings,
+    )
+
+
 def rollout_batch(
     trajectory: Trajectory,
     images: torch.Tensor,
@@ -279,26 +313,25 @@ def rollout_batch(
     sampling: DiffusionSamplingConfig,
     timings: dict[str, float],
 ) -> RolloutBatch:
-    """The data contract of one rollout: CPU tensors, the family's environment, per-sample schedule rows."""
-    batch = len(seeds)
-    return RolloutBatch(
-        responses=images.cpu(),
-        all_latents=trajectory.latents,
-        all_timesteps=trajectory.timesteps.expand(batch, -1).contiguous(),
-        all_sigmas=trajectory.sigmas.expand(batch, -1).contiguous(),
-        rollout_log_probs=trajectory.log_probs,
-        sde_mask=trajectory.sde_mask,
-        seeds=torch.tensor([int(s) for s in seeds], dtype=torch.int64),
-        prompts=prompts,
-        sampling=sampling,
-        debug=trajectory.debug,
-        timings=timings,
-        family=family,
-        **{key: None if value is None else value.cpu() for key, value in env.items()},
+    """The data contract of one rollout: :func:`denoised_batch` with the decoded ``images``."""
+    denoised = denoised_batch(
+        trajectory, env, family=family, seeds=seeds, prompts=prompts, sampling=sampling, timings=timings
     )
+    return denoised.with_images(images.cpu())
 
 
 # -- the pipelines' shared stages ---------------------------------------------------------------------------------
+
+
+def check_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """A request's prompt(s) as a non-empty list of strings; ``ValueError`` naming the first bad entry."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt must be a non-empty string or list of strings, got an empty list")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+    return prompts
 
 
 def _sync(device: torch.device) -> None:
@@ -344,6 +377,30 @@ def run_rollout(
     return rollout_batch(
         trajectory, images, env, family=pipe.family.name, seeds=seeds, prompts=prompts, sampling=sampling,
         timings=timings,
+    )
+
+
+def run_denoise(
+    pipe: Any,
+    env_rows: Mapping[str, torch.Tensor | None],
+    n: int,
+    prompts: list[str],
+    seeds: Sequence[int],
+    sampling: DiffusionSamplingConfig,
+    *,
+    window_seed: int | None,
+    cancel: Callable[[], bool] | None,
+) -> DenoisedBatch:
+    """A denoiser's rollout from encoded prompts (any family): ``env_rows`` holds one row per prompt, already checked
+    (``pipe.check_denoise_inputs``); each row is repeated for its ``n`` samples, then denoised as :func:`run_rollout`
+    denoises. ``prompts`` and ``seeds`` have one entry per sample."""
+    start = time.perf_counter()
+    device = pipe._execution_device
+    env = expand_env({key: None if v is None else v.to(device) for key, v in env_rows.items()}, n)
+    trajectory = pipe.denoise(env, seeds, sampling, window_seed=window_seed, latents=None, cancel=cancel)
+    timings = {"denoise_s": trajectory.seconds, "total_s": time.perf_counter() - start}
+    return denoised_batch(
+        trajectory, env, family=pipe.family.name, seeds=seeds, prompts=prompts, sampling=sampling, timings=timings
     )
 
 

@@ -28,14 +28,18 @@ from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch, pad_tokens, stack_padded
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
+from ..stages import Role
 from .loop import (
     ATTENTION_BACKENDS,
     DenoisingFamily,
     Trajectory,
     attention_backend,
+    check_prompts,
     denoise_encoded,
     run_rollout,
 )
+from .prompt_cache import PromptEmbeddingCache
+from .tensor_specs import TensorSpec, check_tensors
 
 __all__ = [
     "QwenImageLogProbPipeline",
@@ -293,12 +297,20 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
     """
 
     family = QWEN_IMAGE
+    # What each role loads (components.load_pipeline); the others stay None and are never read from disk.
+    ROLE_COMPONENTS = {
+        Role.ENCODER: ("text_encoder", "tokenizer"),
+        Role.DENOISER: ("transformer", "scheduler"),
+        Role.DECODER: ("vae",),
+    }
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer):
         super().__init__(
             scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
         )
         self._stateful_stage_lock = threading.Lock()
+        # Per-prompt text-encoder outputs kept across calls (the engine sets one; None: encode on every call).
+        self.prompt_cache: PromptEmbeddingCache | None = None
         self.attention_backend = "auto"  # see attention_backend(); the engine sets it from the rollout config
         # True when a trainer trains this very transformer: stochastic steps then run the transformer with autograd
         # enabled, exactly as the trainer's replay does, so both execute the same kernels (compiled graphs differ
@@ -360,6 +372,16 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             cancel=cancel,
         )
 
+    @staticmethod
+    def vae_scale_factor_from_config(vae_config: Mapping[str, Any]) -> int:
+        """The VAE's spatial downsampling factor from its ``config.json``, as ``QwenImagePipeline`` derives it."""
+        return 2 ** len(vae_config["temperal_downsample"])
+
+    @property
+    def env_dtype(self) -> torch.dtype:
+        """The dtype of the denoising environment: the transformer's (the text encoder's in an encoder role)."""
+        return (self.transformer if self.transformer is not None else self.text_encoder).dtype
+
     # -- stages -------------------------------------------------------------------------------------------------
 
     def check_rollout_inputs(
@@ -370,20 +392,10 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         latents: torch.Tensor | None,
     ) -> list[str]:
         """Validate the request; returns the prompts as a list."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a non-empty string or list of strings, got an empty list")
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+        prompts = check_prompts(prompt)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per sample")
-        multiple = self.vae_scale_factor * 2
-        if sampling.height % multiple or sampling.width % multiple:
-            raise ValueError(
-                f"height and width must be multiples of {multiple} (VAE factor {self.vae_scale_factor} x 2x2 patches), "
-                f"got {sampling.height}x{sampling.width}"
-            )
+        self.check_image_size(sampling)
         if self.transformer.config.guidance_embeds:
             raise NotImplementedError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported")
         if latents is not None:
@@ -391,6 +403,47 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
             if tuple(latents.shape) != expected:
                 raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
         return prompts
+
+    def check_image_size(self, sampling: DiffusionSamplingConfig) -> None:
+        """Height and width must tile into the VAE's factor x 2x2 patches."""
+        multiple = self.vae_scale_factor * 2
+        if sampling.height % multiple or sampling.width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (VAE factor {self.vae_scale_factor} x 2x2 patches), "
+                f"got {sampling.height}x{sampling.width}"
+            )
+
+    def check_text_inputs(self, prompt: str | Sequence[str], sampling: DiffusionSamplingConfig) -> list[str]:
+        """Validate an encode request (the text encoder's stage alone); returns the prompts as a list."""
+        return check_prompts(prompt)
+
+    def env_specs(self, sampling: DiffusionSamplingConfig, rows: int) -> dict[str, TensorSpec | None]:
+        """The denoising environment this transformer takes for ``rows`` prompts (negative keys only with CFG)."""
+        width, dtype = self.transformer.config.joint_attention_dim, self.env_dtype
+        cfg = sampling.guidance_scale > 1
+        return {
+            "prompt_embeds": TensorSpec((rows, "S", width), dtype),
+            "prompt_embeds_mask": TensorSpec((rows, "S"), torch.int64, binary=True),
+            "negative_prompt_embeds": TensorSpec((rows, "S_neg", width), dtype) if cfg else None,
+            "negative_prompt_embeds_mask": TensorSpec((rows, "S_neg"), torch.int64, binary=True) if cfg else None,
+        }
+
+    def check_denoise_inputs(
+        self, env: Mapping[str, torch.Tensor | None], rows: int, sampling: DiffusionSamplingConfig
+    ) -> None:
+        """Validate a denoise request: per-prompt embeddings of exactly the shapes and dtype the transformer takes."""
+        self.check_image_size(sampling)
+        if self.transformer.config.guidance_embeds:
+            raise NotImplementedError("guidance-distilled Qwen-Image transformers (guidance_embeds=True) are not supported")
+        check_tensors(env, self.env_specs(sampling, rows), what="prompt embeddings ('env')")
+
+    def check_decode_inputs(self, latents: torch.Tensor, sampling: DiffusionSamplingConfig) -> None:
+        """Validate a decode request: ``[B, L, D]`` float32 packed latents of the image size, finite."""
+        self.check_image_size(sampling)
+        tokens, channels = self._num_latent_tokens(sampling.height, sampling.width), self.vae.config.z_dim * 4
+        rows = latents.shape[0] if isinstance(latents, torch.Tensor) and latents.ndim else 0
+        check_tensors({"latents": latents}, {"latents": TensorSpec((rows, tokens, channels), torch.float32)},
+                      what=f"decode request ({sampling.height}x{sampling.width} images)")
 
     def _num_latent_tokens(self, height: int, width: int) -> int:
         return (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
@@ -403,15 +456,13 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         Each distinct prompt is encoded alone (so its embedding never depends on what else is in the batch), then
         the batch is right-padded to its longest prompt.
         """
-        dtype = self.transformer.dtype
+        dtype = self.env_dtype
         cache: dict[str, torch.Tensor] = {}
         with self._stateful_stage_lock:
             for p in dict.fromkeys(prompts):
-                embeds, _ = self._get_qwen_prompt_embeds([p], device=device)
-                cache[p] = embeds[0, : sampling.max_sequence_length].to(dtype)
+                cache[p] = self._encode_text(p, device)[: sampling.max_sequence_length].to(dtype)
             if sampling.guidance_scale > 1:
-                neg, _ = self._get_qwen_prompt_embeds([sampling.negative_prompt], device=device)
-                neg = neg[0, : sampling.max_sequence_length].to(dtype)
+                neg = self._encode_text(sampling.negative_prompt, device)[: sampling.max_sequence_length].to(dtype)
         prompt_embeds, prompt_mask = stack_padded([cache[p] for p in prompts])
         env = {
             "prompt_embeds": prompt_embeds,
@@ -422,6 +473,14 @@ class QwenImageLogProbPipeline(QwenImagePipeline):
         if sampling.guidance_scale > 1:
             env["negative_prompt_embeds"], env["negative_prompt_embeds_mask"] = stack_padded([neg] * len(prompts))
         return env
+
+    def _encode_text(self, text: str, device: torch.device) -> torch.Tensor:
+        """``[S, E]`` Qwen2.5-VL embedding of one text alone (through :attr:`prompt_cache` when set)."""
+
+        def encode() -> torch.Tensor:
+            return self._get_qwen_prompt_embeds([text], device=device)[0][0]
+
+        return encode() if self.prompt_cache is None else self.prompt_cache.get_or_compute(("qwenimage", text), encode)
 
     def prepare_rollout_latents(
         self, generators: Sequence[torch.Generator], height: int, width: int, device: torch.device

@@ -31,7 +31,10 @@ from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
 from ..scheduler import FlowMatchSDEDiscreteScheduler
 from ..sde import randn_per_sample
-from .loop import DenoisingFamily, Trajectory, denoise_encoded, run_rollout
+from ..stages import Role
+from .loop import DenoisingFamily, Trajectory, check_prompts, denoise_encoded, run_rollout
+from .prompt_cache import PromptEmbeddingCache
+from .tensor_specs import TensorSpec, check_tensors
 
 __all__ = [
     "StableDiffusion3LogProbPipeline",
@@ -215,6 +218,13 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
     """
 
     family = SD3
+    # What each role loads (components.load_pipeline); the others (image_encoder and feature_extractor included,
+    # which text-to-image never uses) stay None and are never read from disk.
+    ROLE_COMPONENTS = {
+        Role.ENCODER: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"),
+        Role.DENOISER: ("transformer", "scheduler"),
+        Role.DECODER: ("vae",),
+    }
 
     def __init__(
         self,
@@ -244,6 +254,8 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             feature_extractor=feature_extractor,
         )
         self._text_lock = threading.Lock()
+        # Per-prompt text-encoder outputs kept across calls (the engine sets one; None: encode on every call).
+        self.prompt_cache: PromptEmbeddingCache | None = None
         self.attention_backend = "auto"  # see loop.attention_backend(); the engine sets it from the rollout config
         # True when a trainer trains this very transformer (see QwenImageLogProbPipeline): stochastic steps run the
         # transformer with autograd enabled, as the trainer's replay does.
@@ -306,6 +318,16 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         patch = self.transformer.config.patch_size
         return (latents.shape[2] // patch) * (latents.shape[3] // patch)
 
+    @staticmethod
+    def vae_scale_factor_from_config(vae_config: Mapping[str, Any]) -> int:
+        """The VAE's spatial downsampling factor from its ``config.json``, as ``StableDiffusion3Pipeline`` derives it."""
+        return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    @property
+    def env_dtype(self) -> torch.dtype:
+        """The dtype of the denoising environment: the transformer's (the text encoders' in an encoder role)."""
+        return (self.transformer if self.transformer is not None else self.text_encoder).dtype
+
     # -- stages -------------------------------------------------------------------------------------------------
 
     def check_rollout_inputs(
@@ -316,14 +338,28 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         latents: torch.Tensor | None,
     ) -> list[str]:
         """Validate the request; returns the prompts as a list."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a non-empty string or list of strings, got an empty list")
-        bad = [p for p in prompts if not isinstance(p, str)]
-        if bad:
-            raise ValueError(f"every prompt must be a string, got {bad[0]!r}")
+        prompts = self.check_text_inputs(prompt, sampling)
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per sample")
+        self.check_image_size(sampling)
+        if latents is not None:
+            expected = (len(prompts), *self._latent_shape(sampling.height, sampling.width))
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
+        return prompts
+
+    def check_text_inputs(self, prompt: str | Sequence[str], sampling: DiffusionSamplingConfig) -> list[str]:
+        """Validate an encode request (the text encoders' stage alone); returns the prompts as a list."""
+        prompts = check_prompts(prompt)
+        if sampling.max_sequence_length > T5_MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"sampling.max_sequence_length must be <= {T5_MAX_SEQUENCE_LENGTH} for SD3's T5 encoder, "
+                f"got {sampling.max_sequence_length}"
+            )
+        return prompts
+
+    def check_image_size(self, sampling: DiffusionSamplingConfig) -> None:
+        """Height and width must tile into VAE factor x patch size, within the transformer's position embedding."""
         patch = self.transformer.config.patch_size
         multiple = self.vae_scale_factor * patch
         if sampling.height % multiple or sampling.width % multiple:
@@ -337,16 +373,38 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
                 f"height and width must be at most {max_patches * multiple} px (pos_embed_max_size={max_patches} "
                 f"patches), got {sampling.height}x{sampling.width}"
             )
-        if sampling.max_sequence_length > T5_MAX_SEQUENCE_LENGTH:
-            raise ValueError(
-                f"sampling.max_sequence_length must be <= {T5_MAX_SEQUENCE_LENGTH} for SD3's T5 encoder, "
-                f"got {sampling.max_sequence_length}"
-            )
-        if latents is not None:
-            expected = (len(prompts), *self._latent_shape(sampling.height, sampling.width))
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"latents must have shape {expected}, got {tuple(latents.shape)}")
-        return prompts
+
+    def env_specs(self, sampling: DiffusionSamplingConfig, rows: int) -> dict[str, TensorSpec | None]:
+        """The denoising environment this transformer takes for ``rows`` prompts (negative keys only with CFG)."""
+        config, dtype = self.transformer.config, self.env_dtype
+        width, pooled = config.joint_attention_dim, config.pooled_projection_dim
+        cfg = sampling.guidance_scale > 1
+        return {
+            "prompt_embeds": TensorSpec((rows, "S", width), dtype),
+            "prompt_embeds_mask": TensorSpec((rows, "S"), torch.int64, binary=True),
+            "pooled_prompt_embeds": TensorSpec((rows, pooled), dtype),
+            "negative_prompt_embeds": TensorSpec((rows, "S_neg", width), dtype) if cfg else None,
+            "negative_prompt_embeds_mask": TensorSpec((rows, "S_neg"), torch.int64, binary=True) if cfg else None,
+            "negative_pooled_prompt_embeds": TensorSpec((rows, pooled), dtype) if cfg else None,
+        }
+
+    def check_denoise_inputs(
+        self, env: Mapping[str, torch.Tensor | None], rows: int, sampling: DiffusionSamplingConfig
+    ) -> None:
+        """Validate a denoise request: per-prompt embeddings of exactly the shapes and dtype the transformer takes."""
+        self.check_image_size(sampling)
+        check_tensors(env, self.env_specs(sampling, rows), what="prompt embeddings ('env')")
+
+    def check_decode_inputs(self, latents: torch.Tensor, sampling: DiffusionSamplingConfig) -> None:
+        """Validate a decode request: ``[B, C, H/f, W/f]`` float32 latents of the image size, finite."""
+        factor = self.vae_scale_factor
+        if sampling.height % factor or sampling.width % factor:
+            raise ValueError(f"height and width must be multiples of the VAE factor {factor}, "
+                             f"got {sampling.height}x{sampling.width}")
+        shape = (self.vae.config.latent_channels, sampling.height // factor, sampling.width // factor)
+        rows = latents.shape[0] if isinstance(latents, torch.Tensor) and latents.ndim else 0
+        check_tensors({"latents": latents}, {"latents": TensorSpec((rows, *shape), torch.float32)},
+                      what=f"decode request ({sampling.height}x{sampling.width} images)")
 
     def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         return (self.transformer.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -357,9 +415,9 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
         """Prompt (and negative prompt) embeddings, pooled embeddings and all-ones masks for every sample, in the
         transformer's dtype. Each distinct prompt is encoded alone, so its embedding never depends on the batch."""
         with self._text_lock:
-            cache = {p: self._encode_one(p, sampling.max_sequence_length, device) for p in dict.fromkeys(prompts)}
+            cache = {p: self._encode_cached(p, sampling.max_sequence_length, device) for p in dict.fromkeys(prompts)}
             if sampling.guidance_scale > 1:
-                neg, neg_pooled = self._encode_one(sampling.negative_prompt, sampling.max_sequence_length, device)
+                neg, neg_pooled = self._encode_cached(sampling.negative_prompt, sampling.max_sequence_length, device)
         embeds = torch.stack([cache[p][0] for p in prompts])
         env: dict[str, torch.Tensor | None] = {
             "prompt_embeds": embeds,
@@ -377,13 +435,23 @@ class StableDiffusion3LogProbPipeline(StableDiffusion3Pipeline):
             env["negative_pooled_prompt_embeds"] = neg_pooled.expand(len(prompts), -1).contiguous()
         return env
 
+    def _encode_cached(
+        self, text: str, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_encode_one` through :attr:`prompt_cache` when set (T5's token count is part of the key)."""
+        if self.prompt_cache is None:
+            return self._encode_one(text, max_sequence_length, device)
+        return self.prompt_cache.get_or_compute(
+            ("sd3", text, max_sequence_length), lambda: self._encode_one(text, max_sequence_length, device)
+        )
+
     def _encode_one(self, text: str, max_sequence_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``([77 + max_sequence_length, E], [P])`` embeddings of one text through CLIP-L, CLIP-G and T5."""
         embeds, _, pooled, _ = self.encode_prompt(
             prompt=[text], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
-        dtype = self.transformer.dtype
+        dtype = self.env_dtype
         return embeds[0].to(dtype), pooled[0].to(dtype)
 
     def prepare_rollout_latents(
