@@ -145,14 +145,17 @@ def test_resume_continues_exactly(tiny_model_path, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_with_missing_lora_tensors(tiny_model_path, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     run(compose_tiny(tiny_model_path, tmp_path / "full", "trainer.total_steps=1", "trainer.save_freq=1"))
     ckpt = tmp_path / "full" / "checkpoints" / "step_000001"
-    weights = ckpt / "adapter_model.safetensors"
+    weights = ckpt / "pytorch_lora_weights.safetensors"
     tensors = load_file(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
     dropped = [k for k in tensors if "lora_B" in k][:4]
-    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights)
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights, metadata=metadata)
     with pytest.raises(ValueError, match="4 missing") as err:
         run(compose_tiny(tiny_model_path, tmp_path / "resumed", "trainer.total_steps=2", f"trainer.resume_from={ckpt}"))
     assert str(ckpt) in str(err.value)

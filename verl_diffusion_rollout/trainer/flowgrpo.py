@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..engines.base import MAX_SEED
+from ..pipelines import pipeline_class_name
 from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -230,7 +231,7 @@ class FlowGRPOTrainer:
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint the LoRA (peft format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
+        """Checkpoint the LoRA (diffusers' LoRA format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
         state = self.workers.state()
         trainer_state = {
             "step": self.step,
@@ -239,7 +240,8 @@ class FlowGRPOTrainer:
             "seed": self.config.trainer.seed,
         }
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
-        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state)
+        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
+                               pipeline_class=pipeline_class_name(self.config.model.local_path))
 
     def _resume(self, path: str) -> None:
         lora, _, state = load_checkpoint(path)
