@@ -29,7 +29,8 @@ def compose_tiny(tiny_model_path, out_dir, *overrides):
                 f"actor_rollout_ref.model.path={tiny_model_path}",
                 f"trainer.output_dir={out_dir}",
                 "trainer.progress_bar=false",
-                "trainer.logger=[jsonl,tensorboard]",
+                "trainer.logger=[file,tensorboard]",
+                "data.val_prompts=null",
                 "data.samples_per_step=8",
                 "actor_rollout_ref.rollout.n=4",
                 "actor_rollout_ref.rollout.sampling.num_steps=4",
@@ -258,7 +259,7 @@ def test_tiny_sd3_recipe_learns_jpeg_compressibility(tiny_sd3_model_path, tmp_pa
                 f"actor_rollout_ref.model.path={tiny_sd3_model_path}",
                 f"trainer.output_dir={tmp_path / 'run'}",
                 "trainer.progress_bar=false",
-                "trainer.logger=[jsonl]",
+                "trainer.logger=[file]",
             ],
         )
     history = run(cfg)
