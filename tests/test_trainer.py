@@ -96,6 +96,8 @@ def test_clipped_loss_matches_its_definition():
         (["+actor_rollout_ref.actor.kl_convention=flow_grpo"], ValueError,
          r"actor_rollout_ref.actor.kl_convention must be one of \['flowgrpo', 'exact'\], got 'flow_grpo'"),
         (["data.prompts=null", "data.train_files=/no/prompts.txt"], FileNotFoundError, "data.train_files"),
+        (["data.val_files=/no/val.txt"], FileNotFoundError, "data.val_files '/no/val.txt' does not exist"),
+        (["trainer.logger=[console,jsonl]"], ValueError, "'jsonl' is now verl's 'file' backend"),
     ],
 )
 def test_bad_recipe_configs_fail_before_any_work(tiny_model_path, tmp_path, overrides, error, match):

@@ -223,7 +223,7 @@ class FlowGRPOTrainer:
         metrics = {"val/reward_mean": float(rewards.mean()), "val/reward_std": float(rewards.std(unbiased=False))}
         for key in results[0].parts:
             part = torch.empty(len(prompts))
-            part[order] = torch.cat([r.parts[key] for r in results])
+            part[order] = torch.cat([r.parts[key] for r in results if key in r.parts])  # a group may get none
             metrics[f"val/{key}"] = float(part.mean())
         self.val_history = [v for v in self.val_history if v["step"] != step] + [{"step": step, **metrics}]
         if k:
