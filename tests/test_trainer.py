@@ -144,7 +144,7 @@ def eval_run(tiny_model_path, tmp_path_factory):
         with contextlib.redirect_stdout(console):
             history = trainer.fit()
         again = trainer.evaluate()
-        val = [dict(v) for v in trainer.val_history]
+        val = [dict(v) for v in trainer.evaluator.history]
     finally:
         trainer.close()
     return {"out": out, "history": history, "val": val, "again": again, "console": console.getvalue()}
@@ -245,7 +245,11 @@ def assert_diffusers_loads_the_checkpoint(pipeline_cls, model_path: str, ckpt: s
         pipe.load_lora_weights(ckpt)
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
-    assert not records, [r.getMessage() for r in records]
+    # SD3's load_lora_weights also looks for LoRA keys of both text encoders and says "safe to ignore" when a LoRA
+    # (like every transformer-only one) has none; any other warning (e.g. no keys for the transformer) fails.
+    messages = [r.getMessage() for r in records]
+    unexpected = [m for m in messages if not ("prefix='text_encoder" in m and "safe to ignore" in m)]
+    assert not unexpected, unexpected
     cfg = {"true_cfg_scale": ode.guidance_scale} if pipeline_cls.__name__ == "QwenImagePipeline" else {
         "guidance_scale": ode.guidance_scale}
     ref = pipe(prompt=prompt, negative_prompt=ode.negative_prompt, height=ode.height, width=ode.width,

@@ -35,6 +35,7 @@ from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FlowGRPOConfig
+from .evaluation import Evaluator
 from .metrics import RunLogger
 from .workers import WorkerFailed, make_workers
 
@@ -55,7 +56,6 @@ class FlowGRPOTrainer:
         self.out_dir = Path(config.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prompts = config.data.load_prompts()
-        self.val_prompts = config.data.load_val_prompts()
         self.peft_config = LoraConfig(
             r=config.model.lora_rank,
             lora_alpha=config.model.lora_alpha,
@@ -66,7 +66,7 @@ class FlowGRPOTrainer:
         self.dp_size = config.dp_size  # requests and results: one per data-parallel group
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        self.val_history: list[dict[str, Any]] = []  # one record per evaluation: {"step": s, "val/...": ...}
+        self.evaluator = Evaluator(config, self.out_dir)
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
             raise RuntimeError(f"workers start from different LoRA weights (checksums {sums})")
@@ -90,9 +90,7 @@ class FlowGRPOTrainer:
         total = self.config.trainer.total_steps
         bar = tqdm(total=total, initial=self.step, desc="FlowGRPO", disable=not self.config.trainer.progress_bar)
         try:
-            if self.val_prompts and self.config.trainer.val_before_train and self.step < total and not any(
-                v["step"] == self.step for v in self.val_history
-            ):
+            if self.step < total and self.evaluator.due_before_train(self.step):
                 self.logger.log(self.step, self.evaluate())
             while self.step < total:
                 metrics = self.train_step()
@@ -181,7 +179,7 @@ class FlowGRPOTrainer:
             step_s=step_s,
             images_per_s_per_worker=groups * n / step_s / world,
         )
-        if self._eval_due(step):
+        if self.evaluator.due(step):
             metrics.update(self.evaluate(step))
         self.history.append({"step": step, **metrics})
         self.logger.log(step, metrics)
@@ -200,47 +198,9 @@ class FlowGRPOTrainer:
             raise RuntimeError(f"after step {self.step} the workers' LoRA weights differ: checksums by rank {sums}")
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:
-        """Score the held-out prompts (``data.val_prompts`` / ``data.val_files``) with the current policy.
-
-        Deterministic: ODE sampling (no noise but the initial latent), prompt ``i`` with seed ``i``, so two
-        evaluations of the same LoRA give identical metrics, and the training trajectory is not touched (no RNG,
-        weights or rollout batches change). Returns ``val/reward_mean``, ``val/reward_std`` and ``val/<reward>`` per
-        reward function; saves ``val_step_XXXXXX.png`` (the first ``trainer.log_val_generations`` images) and
-        ``val_reward_curve.png``.
-        """
-        step = self.step if step is None else step
-        k = self.config.trainer.log_val_generations
-        prompts = self.val_prompts
-        if not prompts:
-            raise ValueError("no held-out prompts: set data.val_prompts (a list) or data.val_files")
-        owned = [list(range(len(prompts)))[d :: self.dp_size] for d in range(self.dp_size)]
-        requests = [{"prompts": [prompts[i] for i in idx], "seeds": list(idx),
-                     "num_images": sum(1 for i in idx if i < k)} for idx in owned]
-        results = self.workers.evaluate(requests)
-        order = torch.tensor([i for idx in owned for i in idx])
-        rewards = torch.empty(len(prompts))
-        rewards[order] = torch.cat([r.rewards for r in results])
-        metrics = {"val/reward_mean": float(rewards.mean()), "val/reward_std": float(rewards.std(unbiased=False))}
-        for key in results[0].parts:
-            part = torch.empty(len(prompts))
-            part[order] = torch.cat([r.parts[key] for r in results if key in r.parts])  # a group may get none
-            metrics[f"val/{key}"] = float(part.mean())
-        self.val_history = [v for v in self.val_history if v["step"] != step] + [{"step": step, **metrics}]
-        if k:
-            images = {i: img for r, idx in zip(results, owned) if r.images is not None for i, img in zip(idx, r.images)}
-            index = sorted(images)[:k]
-            captions = [f"{prompts[i][:18]} r={float(rewards[i]):.3f}" for i in index]
-            save_image_grid(torch.stack([images[i] for i in index]).float() / 255,
-                            self.out_dir / f"val_step_{step:06d}.png", captions)
-        save_curves({"val/reward_mean": [v["val/reward_mean"] for v in self.val_history]},
-                    self.out_dir / "val_reward_curve.png", title="held-out reward (ODE, fixed seeds)",
-                    steps=[v["step"] for v in self.val_history])
-        return metrics
-
-    def _eval_due(self, step: int) -> bool:
-        """verl's rule: every ``trainer.test_freq`` steps and at the last step, when ``test_freq > 0``."""
-        freq = self.config.trainer.test_freq
-        return bool(self.val_prompts) and freq > 0 and (step % freq == 0 or step == self.config.trainer.total_steps)
+        """Score the held-out prompts with the current policy (:class:`~.evaluation.Evaluator`); returns the
+        ``val/`` metrics."""
+        return self.evaluator.run(self.workers, self.step if step is None else step)
 
     # -- stages -----------------------------------------------------------------------------------------------------
 
@@ -290,7 +250,7 @@ class FlowGRPOTrainer:
             "optimizer": state["optimizer"],
             "history": self.history,
             "seed": self.config.trainer.seed,
-            "val_history": self.val_history,
+            "val_history": self.evaluator.history,
         }
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
         return save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
@@ -301,7 +261,7 @@ class FlowGRPOTrainer:
         self.workers.load_state(lora, state["optimizer"], source=f"checkpoint {path}")
         self.step = int(state["step"])
         self.history = list(state["history"])
-        self.val_history = list(state.get("val_history", []))  # checkpoints from before evaluation have none
+        self.evaluator.history = list(state.get("val_history", []))  # checkpoints from before evaluation have none
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- outputs ------------------------------------------------------------------------------------------------------
