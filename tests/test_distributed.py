@@ -67,7 +67,7 @@ def test_a_dead_worker_stops_the_run_naming_it_and_the_checkpoint_to_resume(ray_
     overrides = [*STEPS, "trainer.n_gpus_per_node=2"]
 
     def kill_rank_one_after_step_one():
-        marker = out / "checkpoints" / "step_000001" / "adapter_model.safetensors"
+        marker = out / "checkpoints" / "step_000001" / "pytorch_lora_weights.safetensors"
         deadline = time.monotonic() + 600
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)

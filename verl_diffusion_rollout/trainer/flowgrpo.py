@@ -27,13 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ..engines.base import MAX_SEED
+from ..pipelines import pipeline_class_name
 from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FlowGRPOConfig
-from .metrics import MetricsLogger
+from .evaluation import Evaluator
+from .metrics import RunLogger
 from .workers import WorkerFailed, make_workers
 
 __all__ = ["FlowGRPOTrainer"]
@@ -63,12 +66,15 @@ class FlowGRPOTrainer:
         self.dp_size = config.dp_size  # requests and results: one per data-parallel group
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.evaluator = Evaluator(config, self.out_dir)
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
             raise RuntimeError(f"workers start from different LoRA weights (checksums {sums})")
         if config.trainer.resume_from:
             self._resume(config.trainer.resume_from)
-        self.logger = MetricsLogger(self.out_dir, config.trainer.logger, self.history)
+        run = config.trainer
+        plain = OmegaConf.to_container(config.raw, resolve=True) if config.raw is not None else None
+        self.logger = RunLogger(self.out_dir, run.logger, run.project_name, run.experiment_name, plain, self.history)
 
     # -- public -----------------------------------------------------------------------------------------------------
 
@@ -84,12 +90,12 @@ class FlowGRPOTrainer:
         total = self.config.trainer.total_steps
         bar = tqdm(total=total, initial=self.step, desc="FlowGRPO", disable=not self.config.trainer.progress_bar)
         try:
+            if self.step < total and self.evaluator.due_before_train(self.step):
+                self.logger.log(self.step, self.evaluate())
             while self.step < total:
                 metrics = self.train_step()
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
-                if "console" in self.config.trainer.logger and not self.config.trainer.progress_bar:
-                    print(f"step {self.step}: " + ", ".join(f"{k}={v}" for k, v in self._postfix(metrics).items()))
         except KeyboardInterrupt:
             path = self.save()
             bar.write(f"interrupted at step {self.step}; checkpoint saved to {path}")
@@ -173,6 +179,8 @@ class FlowGRPOTrainer:
             step_s=step_s,
             images_per_s_per_worker=groups * n / step_s / world,
         )
+        if self.evaluator.due(step):
+            metrics.update(self.evaluate(step))
         self.history.append({"step": step, **metrics})
         self.logger.log(step, metrics)
         if plot:
@@ -188,6 +196,11 @@ class FlowGRPOTrainer:
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
             raise RuntimeError(f"after step {self.step} the workers' LoRA weights differ: checksums by rank {sums}")
+
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Score the held-out prompts with the current policy (:class:`~.evaluation.Evaluator`); returns the
+        ``val/`` metrics."""
+        return self.evaluator.run(self.workers, self.step if step is None else step)
 
     # -- stages -----------------------------------------------------------------------------------------------------
 
@@ -230,22 +243,25 @@ class FlowGRPOTrainer:
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint the LoRA (peft format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
+        """Checkpoint the LoRA (diffusers' LoRA format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
         state = self.workers.state()
         trainer_state = {
             "step": self.step,
             "optimizer": state["optimizer"],
             "history": self.history,
             "seed": self.config.trainer.seed,
+            "val_history": self.evaluator.history,
         }
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
-        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state)
+        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
+                               pipeline_class=pipeline_class_name(self.config.model.local_path))
 
     def _resume(self, path: str) -> None:
         lora, _, state = load_checkpoint(path)
         self.workers.load_state(lora, state["optimizer"], source=f"checkpoint {path}")
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.evaluator.history = list(state.get("val_history", []))  # checkpoints from before evaluation have none
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- outputs ------------------------------------------------------------------------------------------------------
