@@ -190,6 +190,9 @@ class RunConfig:
     (``actor_rollout_ref.rollout.device=cpu``) ``n_gpus_per_node`` counts CPU worker processes.
     ``ray_address``: an existing Ray cluster to join (also ``RAY_ADDRESS``); none starts a local one.
     ``check_weights_freq``: every that many steps the workers' LoRA checksums are compared (0: never).
+    ``compile_cache_dir``: where ``torch.compile``'s inductor, AOT autograd and Triton caches live, so a restarted
+    run (or the next run of the recipe) reuses the compiled code; ``None`` means ``<output_dir>/compile_cache``,
+    an empty string leaves torch's own settings (``TORCHINDUCTOR_CACHE_DIR`` or its temp folder) alone.
     """
 
     total_steps: int = 20
@@ -204,6 +207,7 @@ class RunConfig:
     n_gpus_per_node: int = 1
     ray_address: Optional[str] = None
     check_weights_freq: int = 10
+    compile_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_int("trainer.total_steps", self.total_steps, 1)
@@ -216,6 +220,18 @@ class RunConfig:
         _check_int("trainer.nnodes", self.nnodes, 1)
         _check_int("trainer.n_gpus_per_node", self.n_gpus_per_node, 1)
         _check_int("trainer.check_weights_freq", self.check_weights_freq, 0)  # 0: never
+        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
+            raise ValueError(f"trainer.compile_cache_dir must be a path, null or '', got {self.compile_cache_dir!r}")
+        cache = self.resolved_compile_cache_dir
+        if cache and os.path.exists(cache) and not os.path.isdir(cache):
+            raise ValueError(f"trainer.compile_cache_dir {cache!r} exists and is not a folder")
+
+    @property
+    def resolved_compile_cache_dir(self) -> str | None:
+        """The compile cache folder to use, or None to leave torch's settings alone."""
+        if self.compile_cache_dir is None:
+            return os.path.join(self.output_dir, "compile_cache")
+        return self.compile_cache_dir or None
 
     @property
     def world_size(self) -> int:
