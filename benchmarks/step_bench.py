@@ -183,6 +183,50 @@ def build_real_sd3(out: Path, text_layers: int, dit_layers: int, device: torch.d
             "text_params_b": sum(_params(m) for m in (enc1, enc2, enc3)) / 1e9}
 
 
+# Qwen/Qwen3-VL-8B-Instruct config.json, transcribed (verl-omni's colocated OCR reward model is of this size).
+QWEN3_VL_8B_TEXT = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, vocab_size=151936, rope_theta=5000000.0,
+                        max_position_embeddings=262144, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
+                        rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+                        tie_word_embeddings=False)
+QWEN3_VL_8B_VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                          deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
+
+
+def reward_model_folder(args) -> tuple[str, dict[str, Any]]:
+    """The VLM reward's folder: Qwen3-VL-8B-Instruct's architecture and size with random bf16 weights (the tiny
+    Qwen3-VL with ``--tiny``), built once under ``--model-dir`` and loaded by the reward like a download."""
+    from verl_diffusion_rollout.testing import make_qwen3_vl
+
+    if args.tiny:
+        out = Path(args.work_dir) / "tiny_qwen3_vl"
+        if not (out / "config.json").is_file():
+            make_qwen3_vl(out)
+        return str(out), {"description": "tiny Qwen3-VL (test config)"}
+    out = Path(args.model_dir) / "qwen3_vl_8b"
+    info_file = out / "step_bench_model.json"
+    if info_file.is_file():
+        return str(out), json.loads(info_file.read_text())
+    start = time.perf_counter()
+    make_qwen3_vl(out, text=QWEN3_VL_8B_TEXT, vision=QWEN3_VL_8B_VISION, dtype=torch.bfloat16, device="cuda",
+                  init=_init_linears, min_pixels=256 * 256)
+    from safetensors import safe_open
+
+    params = 0
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as sf:
+            params += sum(sf.get_slice(k).get_shape().numel() if hasattr(sf.get_slice(k).get_shape(), "numel")
+                          else int(torch.Size(sf.get_slice(k).get_shape()).numel()) for k in sf.keys())
+    info = {"description": f"Qwen3-VL-8B-Instruct architecture, {params / 1e9:.2f}B random bf16 weights",
+            "params_b": params / 1e9, "build_and_save_s": time.perf_counter() - start}
+    gc.collect()
+    torch.cuda.empty_cache()
+    info_file.write_text(json.dumps(info))
+    print(json.dumps({"reward_model_folder": str(out), **info}), flush=True)
+    return str(out), info
+
+
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -333,6 +377,9 @@ def compose_config(args, model_path: str, samples: int, variant: list[str], out_
         f"actor_rollout_ref.actor.mini_batch_size={min(mini, samples) if mini else 'null'}",
         *reward_overrides(args),
         *PRESETS[args.preset],
+        # verl-omni's mini-batch: half the step's prompts (ppo_mini_batch_size=16 of train_batch_size=32)
+        *([f"actor_rollout_ref.actor.mini_batch_size={samples // 2 if samples % 32 == 0 else samples}"]
+          if args.preset == "verl_omni" else []),
         f"trainer.output_dir={out_dir}",
         "trainer.total_steps=1000",
         "trainer.save_freq=0",
@@ -579,7 +626,7 @@ def markdown(results: dict) -> str:
         "",
         f"Matrix rate: {meta.get('peak_tflops', MATRIX_TFLOPS)} TFLOP/s bf16. FLOPs per sample and CFG pass "
         "(FlopCounterMode on a meta copy of the transformer): "
-        + ", ".join(f"{v}: forward {f['forward'] / 1e12:.2f} TFLOP, backward {f['backward'] / 1e12:.2f}"
+        + ", ".join(f"{v}: forward {f['forward'] / 1e12:.4g} TFLOP, backward {f['backward'] / 1e12:.4g}"
                     for v, f in flops.items())
         + ". Rollout: every sample, step and CFG pass, over the rollout time less the reward wait (text encoding "
         "and VAE decoding are in the time, not in the FLOPs). Train: every replayed sample-step and CFG pass, "
