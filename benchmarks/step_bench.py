@@ -15,14 +15,27 @@ the same object ``python -m verl_diffusion_rollout.main_flowgrpo`` builds, on a 
   (``--pad-text-encoder``), so the measured peak memory is the full model's;
 * ``--tiny``: the tiny offline test model of the family.
 
-The reward is JPEG compressibility (no reward model is downloaded); PickScore's cost is not included. Phases of
-``--samples`` samples per step (groups of the recipe's ``rollout.n``) run ``--steps`` steps each on one loaded
-model; the first step of the first phase includes ``torch.compile`` warm-up. ``--variants`` repeats the run with
-other settings (merged vs unmerged LoRA forward, micro-batch, gradient checkpointing...), each on a fresh trainer.
+The reward is JPEG compressibility (no reward model is downloaded), or with ``--reward-model qwen3_vl_8b`` (the
+default of ``--preset verl_omni``) the ``vlm_ocr`` reward of a colocated vision-language model of Qwen3-VL-8B-Instruct's
+architecture and size (random bf16 weights, saved once under ``--model-dir``), scoring every image on the same GPU
+while the next forward batch samples; its time is in the step. Phases of ``--samples`` samples per step (groups of
+the recipe's ``rollout.n``) run ``--steps`` steps each on one loaded model. ``--variants`` repeats the run with other
+settings (forward batch 4/8/16, gradient checkpointing on/off, CFG batched or as two forwards, unmerged LoRA...),
+each on a fresh trainer; every variant and every run share one compile cache (``--compile-cache-dir``), so a
+second run's first step shows the warm-cache compile cost.
+
+``--preset verl_omni`` is verl-omni's Qwen-Image job: r64 / alpha 128 on its twelve projections (joint attention and
+both MLPs), 16 samples per prompt, 512px, 10 steps, CFG 4, a 2-step SDE window in [0, 5), noise 1.2, half the
+step's prompts per optimizer step, ``--prompts-per-step`` prompts (16 by default; verl-omni uses 32).
 
 Reported per step: rollout / reward / train / mode-switch seconds (the trainer's ``switch_s``: the merged weights
 re-derived after each optimizer step; there is no separate LoRA sync, the rollout samples with the trained module
-itself), images/s per GPU for the whole step, peak GPU memory, host RSS, and the pre-update log-prob gap.
+itself), images/s per GPU for the whole step, the fraction of the 790 TFLOP/s bf16 matrix rate per phase (FLOPs of
+the transformer counted on a meta-device copy), peak GPU memory, host RSS, compile-cache hits and misses, and the
+pre-update log-prob gap. Per variant and batch size: the first step against the steady state (the mean of the steps
+after the first ``--warmup-steps``, 2 by default; the table says how many were averaged). ``--profile`` runs one
+more step per variant with the in-trainer rollout under ``torch.profiler`` and writes its top-ops table next to the
+results. Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
 """
 
 from __future__ import annotations
@@ -211,13 +224,7 @@ def reward_model_folder(args) -> tuple[str, dict[str, Any]]:
     start = time.perf_counter()
     make_qwen3_vl(out, text=QWEN3_VL_8B_TEXT, vision=QWEN3_VL_8B_VISION, dtype=torch.bfloat16, device="cuda",
                   init=_init_linears, min_pixels=256 * 256)
-    from safetensors import safe_open
-
-    params = 0
-    for f in out.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as sf:
-            params += sum(sf.get_slice(k).get_shape().numel() if hasattr(sf.get_slice(k).get_shape(), "numel")
-                          else int(torch.Size(sf.get_slice(k).get_shape()).numel()) for k in sf.keys())
+    params = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2  # bf16: 2 bytes a parameter
     info = {"description": f"Qwen3-VL-8B-Instruct architecture, {params / 1e9:.2f}B random bf16 weights",
             "params_b": params / 1e9, "build_and_save_s": time.perf_counter() - start}
     gc.collect()
@@ -381,6 +388,8 @@ def compose_config(args, model_path: str, samples: int, variant: list[str], out_
         *([f"actor_rollout_ref.actor.mini_batch_size={samples // 2 if samples % 32 == 0 else samples}"]
           if args.preset == "verl_omni" else []),
         f"trainer.output_dir={out_dir}",
+        # one compile cache for every variant and every run: a later run's first step compiles from it
+        f"trainer.compile_cache_dir={Path(args.compile_cache_dir or Path(args.work_dir) / 'compile_cache').resolve()}",
         "trainer.total_steps=1000",
         "trainer.save_freq=0",
         "trainer.plot_freq=0",
@@ -681,6 +690,9 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=12)
     parser.add_argument("--model-dir", default="/tmp/step_bench_model")
     parser.add_argument("--work-dir", default="/tmp/step_bench_runs")
+    parser.add_argument("--compile-cache-dir", default=None,
+                        help="trainer.compile_cache_dir of every variant (default <work-dir>/compile_cache; a second "
+                             "run's first step then compiles from the cache)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tag", default="", help="appended to the result file names")
     args = parser.parse_args()
