@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,9 +61,12 @@ def test_rollout_bench_tiny_sd3_runs_and_reports(tmp_path):
 def test_step_bench_tiny_runs_the_recipe_and_reports(tmp_path):
     """The whole-step benchmark drives the recipe's own trainer (tiny Qwen-Image, CPU): two batch sizes on one
     loaded model and a second variant; every step replays exactly and the report has one row per step."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na photo of a dog on a car in the city with a tree\na blue bird\n")
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--samples", "16", "32", "--steps", "1",
         "--variants", "default,unmerged", "--out", str(tmp_path), "--work-dir", str(tmp_path / "runs"),
+        "--prompts-file", str(prompts),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -75,5 +80,31 @@ def test_step_bench_tiny_runs_the_recipe_and_reports(tmp_path):
     assert [r["weight_version"] for r in rows] == [1, 2, 1]  # one loaded trainer per variant, one update per step
     assert all(r["step_s"] >= r["rollout_s"] + r["train_s"] - 1e-6 for r in rows)
     assert all(abs(r["images_per_s_per_worker"] - r["samples"] / r["step_s"]) < 1e-9 for r in rows)
+    assert results["meta"]["prompts"] == str(prompts)
+    # work per phase from the transformer's FLOPs (meta copy), and the fraction of the matrix rate
+    assert all(f["forward"] > 0 and f["backward"] > 0 for f in results["flops_per_pass"].values())
+    assert all(r["rollout_tflop"] > 0 and r["train_tflop"] > 0 and r["rollout_matrix_frac"] > 0 for r in rows)
+    assert rows[1]["rollout_tflop"] == pytest.approx(2 * rows[0]["rollout_tflop"])  # twice the samples
+    summary = {(e["variant"], e["samples"]): e for e in results["summary"]}
+    assert set(summary) == {("default", 16), ("default", 32), ("unmerged", 16)}
+    assert all(e["steady_steps_averaged"] == 0 and e["steady_step_s"] is None for e in summary.values())
+    assert summary[("default", 16)]["first_step_s"] == rows[0]["step_s"]
     md = (tmp_path / json_path.name.replace(".json", ".md")).read_text()
-    assert md.startswith("# Whole-step FlowGRPO benchmark") and md.count("| default |") == 2
+    assert md.startswith("# Whole-step FlowGRPO benchmark") and md.count("| default |") == 4
+
+
+def test_step_bench_steady_state_is_the_mean_after_the_warmup_steps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_bench import summarize
+
+    keys = ("rollout_s", "reward_s", "train_s", "switch_s", "images_per_s_per_worker", "rollout_matrix_frac",
+            "train_matrix_frac")
+    rows = [{"variant": "v", "samples": 8, "step_s": t, "logprob_max_abs_diff_pre_update": gap,
+             "peak_gpu_gib": 1.0 + k, **{key: t / 2 for key in keys}}
+            for k, (t, gap) in enumerate([(30.0, 0.0), (12.0, 1e-7), (10.0, 0.0), (14.0, 0.0)])]
+    rows.append({"variant": "v", "samples": 16, "step_s": 5.0, "error": "out of memory"})
+    (entry, oom) = summarize(rows, warmup=2)
+    assert entry["steps"] == 4 and entry["steady_steps_averaged"] == 2
+    assert entry["steady_step_s"] == 12.0 and entry["steady_train_s"] == 6.0 and entry["first_step_s"] == 30.0
+    assert entry["first_over_steady"] == 2.5 and entry["logprob_gap_max"] == 1e-7 and entry["peak_gpu_gib_max"] == 4.0
+    assert oom["steps"] == 0 and oom["error"] == "out of memory" and oom["steady_step_s"] is None

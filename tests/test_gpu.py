@@ -44,6 +44,32 @@ def test_cuda_rollout_replays_exactly(tiny_model_path, dtype, compile):
         assert diff == 0.0
 
 
+def _host_syncs(engine, sampling) -> int:
+    """Synchronizing CUDA operations (torch's sync debug mode) during one rollout."""
+    import warnings
+
+    engine.generate([PROMPTS[0]], n=2, sampling=sampling, seeds=[1, 2])  # warm-up (allocations, caches)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.generate([PROMPTS[0]], n=2, sampling=sampling, seeds=[1, 2])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def test_cuda_denoising_loop_has_no_per_step_host_sync(tiny_model_path):
+    """The host never waits for the device inside the loop (sigma and noise copies are non-blocking): a rollout of
+    12 steps syncs as often as one of 4 (the syncs left are per request: copying the results back). One prompt and no
+    CFG, so the transformer gets no text mask (diffusers' Qwen-Image forward syncs once per call when it does)."""
+    engine = DiffusersEngine(tiny_model_path, device="cuda", dtype=torch.bfloat16)
+    short = SAMPLING.replace(num_steps=4, sde_window=[1], guidance_scale=1.0)
+    long = SAMPLING.replace(num_steps=12, sde_window=[1], guidance_scale=1.0)
+    assert _host_syncs(engine, long) == _host_syncs(engine, short)
+
+
 def test_cuda_ode_matches_stock_diffusers(tiny_model_path):
     from diffusers import QwenImagePipeline
 

@@ -67,6 +67,7 @@ def test_bad_reward_config_is_refused(weights, options, match):
         ("pickscore", {"model_path": "/nonexistent/PickScore"}, "reward.options.pickscore.model_path"),
         ("aesthetic", {}, "reward.options.aesthetic.clip_path"),
         ("ocr", {"model_path": None}, "reward.options.ocr.model_path"),
+        ("vlm_ocr", {"model_path": "/nonexistent/Qwen3-VL"}, "reward.options.vlm_ocr.model_path"),
     ],
 )
 def test_model_rewards_without_a_local_model_fail_clearly(name, options, key):
@@ -258,3 +259,37 @@ def test_ray_backend_scores_in_an_actor():
     finally:
         if started:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    from verl_diffusion_rollout.testing import make_qwen3_vl
+
+    return make_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl"))
+
+
+def test_vlm_ocr_scores_images_through_a_local_qwen3_vl(tiny_vlm):
+    """The VLM reward (Qwen3-VL architecture, tiny config, loaded from its folder): one probability per image,
+    finite, deterministic, independent of the batch it is scored in, and sensitive to the image and the text."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 64, 64, generator=gen)
+    prompts = ['a sign saying "cat"', 'a sign saying "dog"', "a red car", 'a poster "open"', 'a cup "tea"']
+    fn = build_reward({"vlm_ocr": 1.0}, {"vlm_ocr": {"model_path": tiny_vlm, "batch_size": 2}})
+    total, parts = fn(images, prompts)
+    assert total.shape == (5,) and total.dtype == torch.float32 and set(parts) == {"vlm_ocr"}
+    assert torch.isfinite(total).all() and bool(((total > 0) & (total < 1)).all())
+    assert torch.equal(fn(images, prompts)[0], total)  # deterministic
+    one_by_one = torch.cat([fn(images[i : i + 1], prompts[i : i + 1])[0] for i in range(5)])
+    big_batch = build_reward({"vlm_ocr": 1.0}, {"vlm_ocr": {"model_path": tiny_vlm, "batch_size": 8}})(images, prompts)[0]
+    torch.testing.assert_close(one_by_one, total, rtol=0, atol=1e-5)
+    torch.testing.assert_close(big_batch, total, rtol=0, atol=1e-5)
+    other_image = fn(images.flip(0), prompts)[0]
+    other_text = fn(images, ['a sign saying "bird"'] * 5)[0]
+    assert not torch.equal(other_image, total) and not torch.equal(other_text, total)
+
+
+def test_vlm_ocr_bad_options_name_the_key(tiny_vlm):
+    with pytest.raises(ValueError, match="reward.options.vlm_ocr.batch_size"):
+        build_reward({"vlm_ocr": 1.0}, {"vlm_ocr": {"model_path": tiny_vlm, "batch_size": 0}})
+    with pytest.raises(ValueError, match="reward.options.vlm_ocr.question must contain"):
+        build_reward({"vlm_ocr": 1.0}, {"vlm_ocr": {"model_path": tiny_vlm, "question": "yes or no?"}})

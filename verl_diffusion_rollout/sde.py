@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SDE_TYPES", "SDEStep", "sde_step_with_logprob", "randn_per_sample", "default_log_prob_no_const"]
+__all__ = ["SDE_TYPES", "SDEStep", "sde_step_with_logprob", "randn_per_sample", "default_log_prob_no_const",
+           "to_device_async"]
 
 SDE_TYPES: tuple[str, ...] = ("sde", "cps", "ode")
 
@@ -83,7 +84,18 @@ def randn_per_sample(
         raise ValueError(f"shape[0] must equal the number of generators ({len(generators)}), got shape {tuple(shape)}")
     rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators]
     out = torch.stack(rows)
-    return out if device is None else out.to(device)
+    return out if device is None else to_device_async(out, device)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)`` without making the host wait for the device: a CPU tensor bound for a CUDA device is
+    staged in pinned memory and copied with a non-blocking copy (the caching host allocator keeps the staging
+    buffer alive until the copy has run). Same values, bit for bit; a blocking ``.to()`` would first wait for
+    every kernel queued on the stream, a stall at every denoising step."""
+    device = torch.device(device)
+    if t.device == device or t.device.type != "cpu" or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _as_sigma(value: ScalarOrTensor, name: str, batch: int) -> torch.Tensor:
@@ -189,7 +201,7 @@ def sde_step_with_logprob(
     _check_sigmas(sigma_t, sigma_next_t)
     if sde_type == "sde" and bool((torch.where(sigma_t == 1, sigma_max_t, sigma_t) >= 1).any()):
         raise ValueError(f"sigma_max must be < 1 where sigma == 1, got sigma_max={sigma_max_t.tolist()}")
-    sigma_t, sigma_next_t = sigma_t.to(device), sigma_next_t.to(device)
+    sigma_t, sigma_next_t = to_device_async(sigma_t, device), to_device_async(sigma_next_t, device)
 
     if sde_type == "ode":
         prev = _euler_step(model_output, sample, sigma_t, sigma_next_t)
@@ -213,7 +225,7 @@ def sde_step_with_logprob(
     dt = s_next - s
 
     if sde_type == "sde":
-        s_max = _bcast(sigma_max_t.to(device), ndim)
+        s_max = _bcast(to_device_async(sigma_max_t, device), ndim)
         s_tilde = torch.where(s == 1, s_max, s)
         std_t = torch.sqrt(s / (1 - s_tilde)) * noise_level
         mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt

@@ -25,6 +25,9 @@ __all__ = [
     "build_tiny_clip_tokenizer",
     "build_tiny_t5_tokenizer",
     "make_tiny_clip",
+    "make_qwen3_vl",
+    "TINY_QWEN3_VL_TEXT",
+    "TINY_QWEN3_VL_VISION",
     "TINY_QWENIMAGE_DIMS",
     "TINY_SD3_DIMS",
     "QWEN_IMAGE_SCHEDULER_CONFIG",
@@ -369,4 +372,82 @@ def make_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return str(out)
+
+
+# A tiny Qwen3-VL (the architecture of Qwen3-VL-8B-Instruct: Qwen3 text model with interleaved M-RoPE, a ViT with
+# DeepStack taps and a 2x2 patch merger), for the ``vlm_ocr`` reward's tests.
+TINY_QWEN3_VL_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, rope_theta=5000000.0, max_position_embeddings=4096,
+                          rms_norm_eps=1e-6, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                           "mrope_interleaved": True}, tie_word_embeddings=False)
+TINY_QWEN3_VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                            deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
+
+
+def make_qwen3_vl(
+    out_dir: str | os.PathLike,
+    *,
+    text: dict | None = None,
+    vision: dict | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    init=None,
+    min_pixels: int = 32 * 32,
+) -> str:
+    """Build a random Qwen3-VL (``Qwen3VLForConditionalGeneration``) and save it as a transformers folder with a
+    tokenizer (:func:`build_tiny_tokenizer` plus ``<|video_pad|>``) and a Qwen2-VL image processor (16-pixel
+    patches, 2x2 merge, mean/std 0.5, at least ``min_pixels``), loadable with ``from_pretrained``.
+
+    Args:
+        text, vision: ``text_config`` / ``vision_config`` values (default: :data:`TINY_QWEN3_VL_TEXT` /
+            :data:`TINY_QWEN3_VL_VISION`); the vocabulary is at least the tokenizer's.
+        seed, dtype, device: the random weights, built directly on ``device`` in ``dtype``.
+        init: optional ``init(model)`` applied to the built model (e.g. a transformer-style re-init).
+
+    Returns:
+        ``out_dir`` as a string.
+    """
+    from tokenizers import AddedToken
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    try:
+        from transformers import Qwen2VLImageProcessorPil as processor_cls
+    except ImportError:  # transformers 4
+        from transformers import Qwen2VLImageProcessor as processor_cls
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<|video_pad|>", special=True, normalized=False)])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    text = {**TINY_QWEN3_VL_TEXT, **(text or {})}
+    text["vocab_size"] = max(int(text.get("vocab_size", 0)), len(tokenizer))
+    vision = {**TINY_QWEN3_VL_VISION, **(vision or {})}
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+    )
+    image_processor = processor_cls(
+        patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+        temporal_patch_size=vision["temporal_patch_size"], image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        size={"shortest_edge": min_pixels, "longest_edge": 4096 * 4096},
+    )
+    default_dtype = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if init is not None:
+        init(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
     return str(out)

@@ -216,6 +216,9 @@ class RunConfig:
     Evaluation (with ``data.val_prompts`` / ``data.val_files``; verl's keys): every ``test_freq`` steps and at the
     last step (``test_freq <= 0``: never), and before the first step with ``val_before_train``; a grid of the first
     ``log_val_generations`` images each time.
+    ``compile_cache_dir``: where ``torch.compile``'s inductor, AOT autograd and Triton caches live, so a restarted
+    run (or the next run of the recipe) reuses the compiled code; ``None`` means ``<output_dir>/compile_cache``,
+    an empty string leaves torch's own settings (``TORCHINDUCTOR_CACHE_DIR`` or its temp folder) alone.
     """
 
     total_steps: int = 20
@@ -235,6 +238,7 @@ class RunConfig:
     test_freq: int = -1
     val_before_train: bool = True
     log_val_generations: int = 16
+    compile_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_int("trainer.total_steps", self.total_steps, 1)
@@ -261,6 +265,18 @@ class RunConfig:
         _check_int("trainer.log_val_generations", self.log_val_generations, 0)
         if not isinstance(self.val_before_train, bool):
             raise ValueError(f"trainer.val_before_train must be true or false, got {self.val_before_train!r}")
+        if self.compile_cache_dir is not None and not isinstance(self.compile_cache_dir, str):
+            raise ValueError(f"trainer.compile_cache_dir must be a path, null or '', got {self.compile_cache_dir!r}")
+        cache = self.resolved_compile_cache_dir
+        if cache and os.path.exists(cache) and not os.path.isdir(cache):
+            raise ValueError(f"trainer.compile_cache_dir {cache!r} exists and is not a folder")
+
+    @property
+    def resolved_compile_cache_dir(self) -> str | None:
+        """The compile cache folder to use, or None to leave torch's settings alone."""
+        if self.compile_cache_dir is None:
+            return os.path.join(self.output_dir, "compile_cache")
+        return self.compile_cache_dir or None
 
     @property
     def world_size(self) -> int:

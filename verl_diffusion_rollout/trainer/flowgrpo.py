@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..compile_cache import use_compile_cache
 from ..engines.base import MAX_SEED
 from ..pipelines import pipeline_class_name
 from ..visualize import save_curves, save_image_grid
@@ -56,6 +57,8 @@ class FlowGRPOTrainer:
         self.out_dir = Path(config.trainer.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prompts = config.data.load_prompts()
+        if config.trainer.resolved_compile_cache_dir:  # before the engines compile (Ray workers inherit the env)
+            use_compile_cache(config.trainer.resolved_compile_cache_dir)
         self.peft_config = LoraConfig(
             r=config.model.lora_rank,
             lora_alpha=config.model.lora_alpha,

@@ -20,7 +20,7 @@ from ..config import DiffusionSamplingConfig
 from ..contract import RolloutBatch
 from ..pipelines import get_family
 from ..pipelines.loop import attention_backend
-from ..sde import SDEStep, sde_step_with_logprob
+from ..sde import SDEStep, sde_step_with_logprob, to_device_async
 
 __all__ = ["compute_log_probs", "trainable_steps", "StepReplayer"]
 
@@ -101,9 +101,9 @@ class StepReplayer:
         """
         if not 0 <= i < self.batch.num_steps:
             raise ValueError(f"step index must lie in 0..{self.batch.num_steps - 1}, got {i}")
-        x = self.batch.all_latents[:, i].to(self.device)
-        prev = self.batch.all_latents[:, i + 1].to(self.device)
-        timesteps = self.batch.all_timesteps[:, i].to(self.device)
+        x = to_device_async(self.batch.all_latents[:, i], self.device)
+        prev = to_device_async(self.batch.all_latents[:, i + 1], self.device)
+        timesteps = to_device_async(self.batch.all_timesteps[:, i], self.device)
         with attention_backend(self.attention, self.device):
             velocity = self.family.velocity(transformer, x, timesteps, self.cond)
         stochastic = self.batch.sde_mask[:, i]

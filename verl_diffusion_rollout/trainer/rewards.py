@@ -3,7 +3,8 @@
 A reward function maps ``images`` (``[B, 3, H, W]`` float in ``[0, 1]``) and their ``prompts`` to ``[B]`` float32
 rewards. Offline ones (no model needed): ``jpeg_compressibility``, ``jpeg_incompressibility`` (DDPO's), ``brightness``
 and ``color``. Model-based ones load a model from a local folder given in the reward's options and fail with a
-clear message when it is missing: ``pickscore``, ``aesthetic``, ``ocr``.
+clear message when it is missing: ``pickscore``, ``aesthetic``, ``ocr``, ``vlm_ocr`` (a Qwen-VL vision-language
+model judging whether the image shows the prompt's quoted text, as verl-omni's colocated OCR reward model does).
 
     reward = build_reward({"jpeg_compressibility": 1.0, "brightness": 0.5}, {"brightness": {"target": 0.7}})
     total, parts = reward(images, prompts)
@@ -283,6 +284,95 @@ def ocr(model_path: str | None = None, device: str = "cpu", max_new_tokens: int 
         ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
         texts = processor.batch_decode(ids, skip_special_tokens=True)
         return torch.tensor([edit_similarity(t, quoted_text(p)) for t, p in zip(texts, prompts)], dtype=torch.float32)
+
+    return fn
+
+
+# The Qwen-VL chat format: one user turn holding the image and the question, then the assistant's turn.
+_QWEN_VL_TURN = ("<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{question}<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+VLM_OCR_QUESTION = 'Does this image show the text "{text}"? Answer yes or no.'
+
+
+@register_reward("vlm_ocr")
+def vlm_ocr(
+    model_path: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    dtype: str | None = None,
+    question: str = VLM_OCR_QUESTION,
+) -> RewardFn:
+    """OCR-style reward from a local Qwen-VL vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL folders, e.g.
+    Qwen3-VL-8B-Instruct, the size of verl-omni's colocated OCR reward model).
+
+    Each image is asked ``question`` about the prompt's quoted text (:func:`quoted_text`) in the Qwen-VL chat
+    format; one forward (no generation) gives the next-token logits of the assistant's answer, and the reward is
+    ``P(yes) = softmax(logit_yes, logit_no)[0]`` in ``[0, 1]``. Images are quantised to uint8 and preprocessed by the
+    folder's image processor (PIL backend); ``batch_size`` images per forward, text right-padded, so a sample's
+    score does not depend on the others in its batch beyond kernel rounding. ``dtype``: ``bfloat16`` /
+    ``float32`` (default: bfloat16 on CUDA, float32 elsewhere).
+    """
+    import inspect
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        from transformers import Qwen2VLImageProcessorPil as processor_cls
+    except ImportError:  # transformers 4
+        from transformers import Qwen2VLImageProcessor as processor_cls
+
+    model_path = _require_path("vlm_ocr", "model_path", model_path, "Qwen3-VL-8B-Instruct")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"reward.options.vlm_ocr.batch_size must be an int >= 1, got {batch_size!r}")
+    if "{text}" not in question:
+        raise ValueError(f"reward.options.vlm_ocr.question must contain {{text}}, got {question!r}")
+    dtype = dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"reward.options.vlm_ocr.dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    image_processor = processor_cls.from_pretrained(model_path)
+    model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=torch_dtype).eval().to(device)
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    answers = [tokenizer.encode(word, add_special_tokens=False)[0] for word in ("yes", "no")]
+    if answers[0] == answers[1]:
+        raise ValueError(f"the tokenizer of {model_path!r} starts 'yes' and 'no' with the same token")
+    base = model.model
+    head = model.get_output_embeddings()
+    answer_rows = head.weight[answers]  # [2, hidden]: only the two answers' logits are needed
+    answer_bias = head.bias[answers] if getattr(head, "bias", None) is not None else None
+    takes_mm_types = "mm_token_type_ids" in inspect.signature(base.forward).parameters
+    merge = int(getattr(image_processor, "merge_size", 2))
+
+    @torch.no_grad()
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"vlm_ocr got {images.shape[0]} images and {len(prompts)} prompts")
+        scores = []
+        for lo in range(0, len(prompts), batch_size):
+            pixels = image_processor(images=to_pil_images(images[lo : lo + batch_size]), return_tensors="pt")
+            grid = pixels["image_grid_thw"]
+            counts = (grid.prod(dim=-1) // merge**2).tolist()
+            texts = [
+                _QWEN_VL_TURN.format(image=image_token * n, question=question.format(text=quoted_text(p)))
+                for n, p in zip(counts, prompts[lo : lo + batch_size])
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+            ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            extra = {"mm_token_type_ids": (ids == model.config.image_token_id).long()} if takes_mm_types else {}
+            hidden = base(
+                input_ids=ids,
+                attention_mask=mask,
+                pixel_values=pixels["pixel_values"].to(device, torch_dtype),
+                image_grid_thw=grid.to(device),
+                **extra,
+            ).last_hidden_state
+            last = hidden[torch.arange(len(ids), device=hidden.device), mask.sum(dim=1) - 1]  # the answer position
+            logits = last @ answer_rows.t()
+            if answer_bias is not None:
+                logits = logits + answer_bias
+            scores.append(logits.float().softmax(dim=-1)[:, 0].cpu())
+        return torch.cat(scores)
 
     return fn
 

@@ -46,6 +46,10 @@ class FlowGRPOWorker(Worker):
         """Join the process group and build the actor; returns where it landed."""
         import torch.distributed as dist
 
+        from ..compile_cache import use_compile_cache
+
+        if self.config.trainer.resolved_compile_cache_dir:  # before the engine compiles its blocks
+            use_compile_cache(self.config.trainer.resolved_compile_cache_dir)
         on_gpu = str(self.config.rollout.device or "").startswith("cuda") or (
             self.config.rollout.device is None and torch.cuda.is_available()
         )
