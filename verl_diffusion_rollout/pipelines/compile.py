@@ -52,13 +52,16 @@ class CompiledBlocks:
         self.blocks = []
 
 
-def compile_blocks(transformer: torch.nn.Module, prepare: BlockInputHook | None) -> CompiledBlocks:
+def compile_blocks(
+    transformer: torch.nn.Module, prepare: BlockInputHook | None, *, backend: str = "inductor"
+) -> CompiledBlocks:
     """Compile each of ``transformer.transformer_blocks`` (regional compilation) with no automatic dynamic shapes.
 
     Args:
         transformer: a diffusers DiT with ``transformer_blocks`` (Qwen-Image, SD3); peft layers inside are fine.
         prepare: the family's :meth:`~verl_diffusion_rollout.pipelines.loop.DenoisingFamily.prepare_block_inputs`,
             run (eagerly) on every block call before the compiled forward; None: nothing is marked dynamic.
+        backend: ``torch.compile``'s backend (graphs, guards and recompiles are dynamo's whatever the backend).
 
     Returns:
         A handle whose ``remove()`` puts the eager forwards back.
@@ -69,13 +72,13 @@ def compile_blocks(transformer: torch.nn.Module, prepare: BlockInputHook | None)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
     handle = CompiledBlocks()
     for block in transformer.transformer_blocks:
-        block.forward = _compiled_forward(block.forward, prepare)  # an instance attribute: nn.Module calls it
+        block.forward = _compiled_forward(block.forward, prepare, backend)  # an instance attribute: nn.Module calls it
         handle.blocks.append(block)
     return handle
 
 
-def _compiled_forward(forward: Callable[..., Any], prepare: BlockInputHook | None) -> Callable[..., Any]:
-    compiled = torch.compile(forward, dynamic=False)
+def _compiled_forward(forward: Callable[..., Any], prepare: BlockInputHook | None, backend: str) -> Callable[..., Any]:
+    compiled = torch.compile(forward, dynamic=False, backend=backend)
     if prepare is None:
         return compiled
     signature = inspect.signature(forward)
