@@ -221,11 +221,14 @@ def compose_config(args, model_path: str, samples: int, variant: list[str], out_
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         base = compose(config_name=recipe)
     mini = base.actor_rollout_ref.actor.mini_batch_size
-    prompts = [" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(args.prompt_words)) for i in range(64)]
+    if args.prompt_file:
+        data = ["data.prompts=null", f"data.train_files={os.path.abspath(args.prompt_file)}"]
+    else:
+        prompts = [" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(args.prompt_words)) for i in range(64)]
+        data = ["data.train_files=null", f"data.prompts=[{','.join(prompts)}]"]
     overrides = [
         f"actor_rollout_ref.model.path={model_path}",
-        "data.train_files=null",
-        f"data.prompts=[{','.join(prompts)}]",
+        *data,
         f"data.samples_per_step={samples}",
         f"actor_rollout_ref.actor.mini_batch_size={min(mini, samples) if mini else 'null'}",
         "~reward.functions",
@@ -370,7 +373,9 @@ def main() -> None:
                         help="allocate the missing text-encoder layers' memory on the GPU")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every variant")
     parser.add_argument("--model-path", default=None, help="an existing model folder instead of building one")
-    parser.add_argument("--prompt-words", type=int, default=12)
+    parser.add_argument("--prompt-words", type=int, default=12, help="words of each generated prompt")
+    parser.add_argument("--prompt-file", default=None,
+                        help="prompts from this file instead (data.train_files), e.g. benchmarks/prompts/mixed_lengths.txt")
     parser.add_argument("--model-dir", default="/tmp/step_bench_model")
     parser.add_argument("--work-dir", default="/tmp/step_bench_runs")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
