@@ -154,8 +154,9 @@ def markdown(result: dict[str, Any]) -> str:
         median = later[len(later) // 2] if later else float("nan")
         seen = sorted({n for s in steps for n in s["text_lengths"]})
         gap = max((s["gap"] or 0.0) for s in steps)
+        first, last = steps[0]["graphs"], steps[-1]["graphs"]
         lines.append(
-            f"| `{run['design']}` | {steps[0]['graphs']} | {steps[-1]['graphs']} | {steps[-1]['graphs'] - steps[0]['graphs']} "
+            f"| `{run['design']}` | {first} | {last} | {last - first} "
             f"| {steps[0]['step_s']:.1f} | {median:.2f} | {gap:.3g} | {len(seen)} lengths, {seen[0]}..{seen[-1]} |"
         )
     lines += ["", "Per step (graphs so far / seconds):", ""]

@@ -375,7 +375,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=None, help="an existing model folder instead of building one")
     parser.add_argument("--prompt-words", type=int, default=12, help="words of each generated prompt")
     parser.add_argument("--prompt-file", default=None,
-                        help="prompts from this file instead (data.train_files), e.g. benchmarks/prompts/mixed_lengths.txt")
+                        help="prompts from this file (data.train_files), e.g. benchmarks/prompts/mixed_lengths.txt")
     parser.add_argument("--model-dir", default="/tmp/step_bench_model")
     parser.add_argument("--work-dir", default="/tmp/step_bench_runs")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

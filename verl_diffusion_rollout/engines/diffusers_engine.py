@@ -153,7 +153,9 @@ class DiffusersEngine(DiffusionEngine):
             self.sp_handle = pipe.family.use_sequence_parallel(pipe.transformer, sequence_parallel)
             self._sp_serial = threading.Lock()
         # One graph per forward shape whatever the prompt lengths, so the replay runs the graph that sampled.
-        self.compiled = compile_blocks(pipe.transformer, pipe.family.prepare_block_inputs) if compile and has_transformer else None
+        self.compiled = None
+        if compile and has_transformer:
+            self.compiled = compile_blocks(pipe.transformer, pipe.family.prepare_block_inputs)
         self.lora_defaults = lora or LoRASyncConfig()
         self._rng = random.Random(seed)
         self._lock = ReadWriteLock()
