@@ -672,7 +672,9 @@ def main() -> None:
     parser.add_argument("--variants", default="default", help=f"comma-separated, of {sorted(VARIANTS)}")
     parser.add_argument("--variant-samples", type=int, nargs="+", default=None,
                         help="batch sizes of the non-default variants (default: the smallest of --samples)")
-    parser.add_argument("--prompts-file", default=None, help="a text file, one prompt per line (data.train_files)")
+    parser.add_argument("--prompts-file", "--prompt-file", dest="prompts_file", default=None,
+                        help="a text file, one prompt per line (data.train_files), e.g. "
+                             "benchmarks/prompts/mixed_lengths.txt")
     parser.add_argument("--reward-model", choices=["none", "qwen3_vl_8b"], default=None,
                         help="a colocated VLM reward built with random bf16 weights (default: qwen3_vl_8b with "
                              "--preset verl_omni, else none: JPEG compressibility)")
@@ -688,7 +690,7 @@ def main() -> None:
                         help="allocate the missing text-encoder layers' memory on the GPU")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every variant")
     parser.add_argument("--model-path", default=None, help="an existing model folder instead of building one")
-    parser.add_argument("--prompt-words", type=int, default=12)
+    parser.add_argument("--prompt-words", type=int, default=12, help="words of each generated prompt")
     parser.add_argument("--model-dir", default="/tmp/step_bench_model")
     parser.add_argument("--work-dir", default="/tmp/step_bench_runs")
     parser.add_argument("--compile-cache-dir", default=None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run with -m gpu on one)"),
 ]
 
+MIXED_PROMPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "prompts" / "mixed_lengths.txt"
 SAMPLING = DiffusionSamplingConfig(height=64, width=64, num_steps=6, sde_window=[1, 3], noise_level=0.9)
 PROMPTS = ["a red cat", "a blue dog photo with a tree"]
 
@@ -148,9 +150,13 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
     """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
     in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
     log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs)."""
+    from torch._dynamo.utils import counters
+
     if compile:  # a fresh recompile budget: the compiled block forward is one code object for every engine here
         torch._dynamo.reset()
-    cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=3",
+    # prompts of 3 to 56 words: the forward batches bring many text lengths, none of which may recompile a block
+    cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=3", "data.prompts=null",
+                       f"data.train_files={MIXED_PROMPTS}",
                        *_cuda_overrides(dtype, f"actor_rollout_ref.rollout.compile={str(compile).lower()}"))
     with _flowgrpo_trainer(cfg) as trainer:
         actor = trainer.workers.actor
@@ -159,11 +165,16 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
         assert actor.transformer is engine.pipe.transformer and actor.policy.transformer is engine.pipe.transformer
         assert engine.pipe.stochastic_steps_with_grad  # attach_trainer's default on accelerators
         assert actor.device.type == "cuda" and actor.dtype == getattr(torch, dtype)
-        history = [trainer.train_step() for _ in range(3)]
+        history = [trainer.train_step()]
+        graphs = counters["stats"]["unique_graphs"]
+        history += [trainer.train_step() for _ in range(2)]
 
         diffs = [h["logprob_max_abs_diff_pre_update"] for h in history]
-        print(f"{dtype} compile={compile}: logprob max |diff| pre-update by step = {diffs}")
+        print(f"{dtype} compile={compile}: logprob max |diff| pre-update by step = {diffs}, "
+              f"graphs after step 1 / 3: {graphs} / {counters['stats']['unique_graphs']}")
+        assert counters["stats"]["unique_graphs"] == graphs, "a block recompiled after step 1"
         assert all(d <= 1e-6 for d in diffs), diffs
+        assert [h["old_log_probs_recomputed"] for h in history] == [0, 0, 0]  # the gap guard never had to step in
         if dtype == "float32":
             assert diffs == [0.0, 0.0, 0.0]
         assert [h["weight_version"] for h in history] == [1, 2, 3]  # one in-place weight change per step

@@ -28,6 +28,7 @@ from ..lora_sync import (
 )
 from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
+from ..pipelines.compile import compile_blocks
 from ..pipelines.components import load_pipeline, loaded_modules
 from ..pipelines.loop import run_denoise
 from ..pipelines.prompt_cache import PromptEmbeddingCache
@@ -38,7 +39,6 @@ from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_gro
 
 __all__ = ["DiffusersEngine", "resolve_device", "resolve_dtype"]
 
-COMPILED_GRAPHS_PER_BLOCK = 64  # torch._dynamo recompile limit set when the engine compiles its blocks
 PROMPT_CACHE_MB = 256.0  # default budget of the per-engine cache of prompt embeddings
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ class DiffusersEngine(DiffusionEngine):
         seed: seeds the engine's generator of per-sample seeds when a request brings none.
         lora: the LoRA expected from the trainer when ``update_weights`` gets no ``peft_config``.
         progress_bar: show the per-step progress bar while sampling.
-        compile: ``torch.compile`` each transformer block (regional compilation, GPU).
+        compile: ``torch.compile`` each transformer block (regional compilation, GPU), the text length dynamic
+            (:func:`~verl_diffusion_rollout.pipelines.compile.compile_blocks`).
         attention_backend: attention kernels on CUDA (see ``pipelines.loop.attention_backend``).
         fast_attention: let the model family swap in its faster attention processor, if it has one
             (:meth:`~verl_diffusion_rollout.pipelines.loop.DenoisingFamily.use_fast_attention`; Qwen-Image's computes
@@ -151,13 +152,10 @@ class DiffusersEngine(DiffusionEngine):
         if sequence_parallel is not None:
             self.sp_handle = pipe.family.use_sequence_parallel(pipe.transformer, sequence_parallel)
             self._sp_serial = threading.Lock()
+        # One graph per forward shape whatever the prompt lengths, so the replay runs the graph that sampled.
+        self.compiled = None
         if compile and has_transformer:
-            # One compiled graph per distinct block structure (SD3.5's dual-attention and plain blocks, the last
-            # context-pre-only block) x mode (inference, autograd, adapters off for a KL reference) x batch shape:
-            # more than dynamo's default limit of 8, past which the remaining blocks would silently run eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
-            for block in pipe.transformer.transformer_blocks:
-                block.compile()
+            self.compiled = compile_blocks(pipe.transformer, pipe.family.prepare_block_inputs)
         self.lora_defaults = lora or LoRASyncConfig()
         self._rng = random.Random(seed)
         self._lock = ReadWriteLock()

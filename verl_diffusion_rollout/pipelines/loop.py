@@ -123,6 +123,12 @@ class DenoisingFamily(ABC):
         or None when the family has none (its diffusers processors are already compile-friendly)."""
         return None
 
+    def prepare_block_inputs(self, arguments: dict[str, Any]) -> None:
+        """Before every call of a compiled transformer block (:func:`~.compile.compile_blocks`), with the call's
+        arguments by name: mark the dimensions that vary between requests dynamic, so the first compile builds the
+        one graph every request runs. Nothing by default: the family's block inputs have one shape per config
+        (SD3's text is always ``77 + max_sequence_length`` tokens)."""
+
     def use_sequence_parallel(self, transformer: torch.nn.Module, sp: Any) -> Any:
         """Make every forward of ``transformer`` sequence-parallel (Ulysses) over ``sp``
         (a :class:`~verl_diffusion_rollout.parallel.SequenceParallel`): each rank runs its shard of the text and

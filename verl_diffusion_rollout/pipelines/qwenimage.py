@@ -38,6 +38,7 @@ from .loop import (
     denoise_encoded,
     run_rollout,
 )
+from .compile import mark_dynamic_dim
 from .prompt_cache import PromptEmbeddingCache
 from .tensor_specs import TensorSpec, check_tensors
 
@@ -230,6 +231,19 @@ class QwenImageFamily(DenoisingFamily):
         self, transformer: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: QwenImageConditioning
     ) -> torch.Tensor:
         return predict_velocity(transformer, latents, timesteps, cond.text, cond.img_shapes)
+
+    def prepare_block_inputs(self, arguments: dict[str, Any]) -> None:
+        """The text-token dimension is dynamic (prompts have any length up to ``max_sequence_length``): the text
+        stream, its mask and its RoPE rows. A batch whose tokens are all real brings no mask (diffusers' convention);
+        compiled blocks get an all-ones one instead (the same function), so one graph serves every batch."""
+        text = arguments["encoder_hidden_states"]
+        if arguments.get("encoder_hidden_states_mask") is None:
+            arguments["encoder_hidden_states_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        mark_dynamic_dim(text, 1)
+        mark_dynamic_dim(arguments["encoder_hidden_states_mask"], 1)
+        rotary = arguments.get("image_rotary_emb")
+        if rotary is not None:
+            mark_dynamic_dim(rotary[1], 0)
 
     def use_fast_attention(self, transformer: torch.nn.Module) -> Any:
         from .qwenimage_attention import use_joint_attn_processor

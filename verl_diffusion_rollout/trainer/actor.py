@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], None]
 
+# Largest pre-update |replayed - rollout| log-prob accepted as the rollout's own: above it the gap guard recomputes
+# the step's old log-probs from a replay (see FlowGRPOActor.update).
+LOGPROB_GAP_TOLERANCE = 1e-6
+
 
 @dataclass
 class GenerateResult:
@@ -82,6 +86,7 @@ class UpdateResult:
     count: int = 0
     grad_norms: list[float] = field(default_factory=list)
     logprob_max_abs_diff_pre_update: float | None = None
+    old_log_probs_recomputed: int = 0  # 1 when the gap guard replaced this step's old log-probs by a replay
     seconds: dict[str, float] = field(default_factory=dict)
     weight_version: int = 0
 
@@ -139,6 +144,7 @@ class FlowGRPOActor:
         self._grad_views = list(torch.split(self._grad_acc, sizes))
         self.reward = AsyncRewardRunner(config.reward.functions, config.reward.options, config.reward.backend)
         self._batches: list[RolloutBatch] = []
+        self._step: int | None = None  # the RL step of the last generate, named by the gap guard
         self.last_switch_s = 0.0
 
     @property
@@ -158,6 +164,7 @@ class FlowGRPOActor:
             raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; need equal counts, a multiple of "
                              f"the forward batch {self.micro}")
         start = time.perf_counter()
+        self._step = step
         self._batches, futures = [], []
         for lo in range(0, len(prompts), self.micro):
             rows = prompts[lo : lo + self.micro]
@@ -226,6 +233,12 @@ class FlowGRPOActor:
             advantages: ``[N]`` float32, this worker's samples in generation order.
             keep: ``[N]`` bool, samples that train (groups with equal rewards are dropped).
             plan: one :class:`MiniBatchPlan` per global mini-batch, the same count on every worker.
+
+        Gap guard: the first mini-batch's forwards (before any optimizer step) measure the replay against the
+        rollout (``logprob_max_abs_diff_pre_update``). A sample-step off by more than ``LOGPROB_GAP_TOLERANCE``
+        takes its replayed log-prob as its old log-prob, and once the gap is known to exceed it (one check, after
+        that mini-batch) the actor warns, naming the step and the gap, and recomputes the old log-probs of the
+        other forward batches from a replay with the still pre-update weights, so every ratio starts at 1.
         """
         cfg = self.config.actor
         if advantages.shape != (len(self._batches) * self.micro,) or keep.shape != advantages.shape:
@@ -254,6 +267,8 @@ class FlowGRPOActor:
             return replayers[fb]
 
         old = self._recompute_old_log_probs(steps, replayer_for) if cfg.recompute_old_log_probs else None
+        guarded: dict[int, dict[int, torch.Tensor]] = {}  # old log-probs of the first mini-batch, gap-corrected
+        pre_update = True  # no optimizer step yet: the policy is the rollout's
         allreduce_s = switch_s = 0.0
         with self.engine.modify_weights():
             for epoch in range(cfg.ppo_epochs):
@@ -275,6 +290,12 @@ class FlowGRPOActor:
                             out = replayer.step(self.transformer, i)
                             rollout_lp = batch.rollout_log_probs[:, i].to(device)
                             old_lp = rollout_lp if old is None else old[fb][i]
+                            if pre_update:
+                                gap = (out.log_prob.detach() - rollout_lp).abs()
+                                max_diff = torch.maximum(max_diff, gap.max())
+                                if old is None:  # the guard, per sample-step: no host sync here
+                                    old_lp = torch.where(gap > LOGPROB_GAP_TOLERANCE, out.log_prob.detach(), old_lp)
+                                    guarded.setdefault(fb, {})[i] = old_lp
                             kl = None
                             if cfg.kl_beta > 0:
                                 with torch.no_grad(), self.policy.reference():
@@ -296,10 +317,18 @@ class FlowGRPOActor:
                                 sums["ratio"] += (ratio * weight).sum().double()
                                 if kl is not None:
                                     sums["kl"] += (kl.detach() * weight).sum().double()
-                                if epoch == 0 and m == 0:  # before the first optimizer step: rollout == policy
-                                    max_diff = torch.maximum(max_diff, (out.log_prob.detach() - rollout_lp).abs().max())
                             count += int(trained[:, i].sum())
                         self._fold_grads()
+                    if pre_update and old is None and float(max_diff) > LOGPROB_GAP_TOLERANCE:
+                        logger.warning(
+                            "step %s: the replayed log-probs differ from the rollout's by %.3g before the update "
+                            "(> %g); recomputing this step's old log-probs from a replay, so the ratio starts at 1",
+                            self._step, float(max_diff), LOGPROB_GAP_TOLERANCE,
+                        )
+                        rest = [fb for fb in range(len(self._batches)) if fb not in guarded]
+                        old = {**self._recompute_old_log_probs(steps, replayer_for, rest), **guarded}
+                        result.old_log_probs_recomputed = 1
+                    pre_update = False
                     t0 = time.perf_counter()
                     if self.all_reduce is not None:
                         self.all_reduce(self._grad_acc)
@@ -331,14 +360,15 @@ class FlowGRPOActor:
                     p.grad = None
 
     def _recompute_old_log_probs(
-        self, steps: list[list[int]], replayer_for: Callable[[int], StepReplayer]
-    ) -> list[dict[int, torch.Tensor]]:
-        """Old log-probs from a replay before the update (autograd on, as the update runs, then discarded)."""
-        old = []
-        for fb in range(len(self._batches)):
+        self, steps: list[list[int]], replayer_for: Callable[[int], StepReplayer], batches: list[int] | None = None
+    ) -> dict[int, dict[int, torch.Tensor]]:
+        """Old log-probs ``{forward batch: {step: [micro] float32}}`` from a replay before the update (autograd on,
+        as the update runs, then discarded), of ``batches`` (default: every forward batch of the rollout)."""
+        old = {}
+        for fb in range(len(self._batches)) if batches is None else batches:
             replayer = replayer_for(fb)
             with torch.enable_grad():
-                old.append({i: replayer.step(self.transformer, i).log_prob.detach() for i in steps[fb]})
+                old[fb] = {i: replayer.step(self.transformer, i).log_prob.detach() for i in steps[fb]}
         return old
 
     # -- state ----------------------------------------------------------------------------------------------------

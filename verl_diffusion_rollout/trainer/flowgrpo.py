@@ -172,6 +172,7 @@ class FlowGRPOTrainer:
                 metrics["ratio_mean" if key == "ratio" else key] = sum(u.sums[key] for u in updates) / count
             metrics["grad_norm"] = float(np.mean(updates[0].grad_norms))
             metrics["logprob_max_abs_diff_pre_update"] = max(u.logprob_max_abs_diff_pre_update for u in updates)
+            metrics["old_log_probs_recomputed"] = sum(u.old_log_probs_recomputed for u in updates)  # the gap guard
         metrics.update(
             weight_version=updates[0].weight_version,
             rollout_s=rollout_s,

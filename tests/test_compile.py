@@ -1,0 +1,141 @@
+"""A forward batch is replayed by the graph that sampled it, whatever prompt lengths arrive (issue 19, item 1).
+
+On the CPU the compiled kernels of a recompiled graph happen to agree with the first one, so a gap cannot show the
+bug here: these tests count dynamo's graphs instead. The gap guard is tested by forcing a gap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from verl_diffusion_rollout.pipelines.compile import compile_blocks
+from verl_diffusion_rollout.trainer.config import FlowGRPOConfig
+from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer
+
+from test_trainer import compose_tiny
+
+# Very different lengths (1 to 40 words): every forward batch of the run brings a text length of its own.
+PROMPTS = [
+    "cat",
+    "a red cat on a mat",
+    "a lighthouse on a cliff above a stormy sea at night, waves crashing on the rocks below, a ship in the distance",
+    "two birds",
+    "an old library with tall wooden shelves, a ladder, dusty books and a reading lamp",
+    "a very long prompt about a small dog running through a park in the morning with children playing, trees, a "
+    "pond with ducks, a bench, a fountain, people walking, bicycles, kites in a blue sky and clouds",
+]
+
+
+@contextlib.contextmanager
+def _trainer(cfg):
+    trainer = FlowGRPOTrainer(FlowGRPOConfig.from_omegaconf(cfg))
+    try:
+        yield trainer
+    finally:
+        trainer.close()
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_run_never_recompiles_after_step_1_and_replays_exactly(tiny_model_path, tmp_path):
+    """The trainer's blocks compiled as ``rollout.compile=true`` compiles them (:func:`compile_blocks`), with dynamo's
+    ``aot_eager`` backend: graphs, guards and recompiles are dynamo's whatever the backend, and Inductor's CPU code
+    generation would cost minutes here (``tests/test_gpu.py`` runs the whole path with Inductor)."""
+    torch._dynamo.reset()  # a fresh cache and counters: the blocks' forward is one code object for every engine
+    prompts = ",".join(f'"{p}"' for p in PROMPTS)
+    cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=3", "trainer.save_freq=0",
+                       "trainer.plot_freq=0", f"data.prompts=[{prompts}]")
+    with _trainer(cfg) as trainer:
+        engine = trainer.workers.actor.engine
+        compile_blocks(engine.transformer, engine.pipe.family.prepare_block_inputs, backend="aot_eager")
+        sampling = trainer.config.rollout.sampling
+
+        def lengths(step: int) -> set[int]:
+            drawn, _ = trainer._draw(step)
+            return {engine.encode([p], sampling)["prompt_embeds"].shape[1] for p in drawn}
+
+        # a meaningful probe: later steps bring text lengths step 1 never compiled for
+        unseen = (lengths(2) | lengths(3)) - lengths(1)
+        assert unseen, (lengths(1), lengths(2), lengths(3))
+        first = trainer.train_step()
+        graphs = _graphs()
+        assert graphs > 0  # the blocks did compile
+        later = [trainer.train_step() for _ in range(2)]
+        assert _graphs() == graphs, f"{_graphs() - graphs} graphs compiled after step 1"
+        for metrics in [first, *later]:
+            assert metrics["logprob_max_abs_diff_pre_update"] == 0.0
+            assert metrics["old_log_probs_recomputed"] == 0
+
+
+def test_padded_text_tokens_leave_the_transformer_output_unchanged(engine):
+    """What the text-length buckets design (benchmarks/compile_text_length.py) relies on, and the all-ones mask the
+    compiled blocks get when a batch brings none: masked padding tokens are the same function, in float32."""
+    from verl_diffusion_rollout.pipelines.qwenimage import img_shapes_for
+
+    transformer = engine.transformer
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(2, 7, transformer.config.joint_attention_dim, generator=g)
+    latents = torch.randn(2, 16, transformer.config.in_channels, generator=g)
+    t = torch.tensor([0.7, 0.3])
+
+    def run(embeds, mask):
+        with torch.no_grad():
+            return transformer(hidden_states=latents, timestep=t, encoder_hidden_states=embeds,
+                               encoder_hidden_states_mask=mask, img_shapes=img_shapes_for(2, 32, 32, 4),
+                               return_dict=False)[0]
+
+    ones = torch.ones(2, 7, dtype=torch.bool)
+    plain = run(text, None)
+    assert torch.equal(run(text, ones), plain)
+    padded = torch.cat([text, torch.randn(2, 9, text.shape[2], generator=g)], dim=1)  # garbage, masked out
+    mask = torch.cat([ones, torch.zeros(2, 9, dtype=torch.bool)], dim=1)
+    diff = (run(padded, mask) - plain).abs().max().item()
+    assert diff <= 1e-6 * plain.abs().max().item(), diff
+
+
+def test_sd3_text_has_one_length_whatever_the_prompt(sd3_engine, sd3_sampling):
+    """SD3's text stream is CLIP's 77 tokens then T5 padded to ``max_sequence_length``: one block shape per config,
+    so SD3 needs no dynamic dimension."""
+    env = sd3_engine.encode(["a", " ".join(["a long prompt"] * 40)], sd3_sampling)
+    assert env["prompt_embeds"].shape[1] == 77 + sd3_sampling.max_sequence_length
+
+
+def test_gap_guard_recomputes_old_log_probs_and_warns(tiny_model_path, tmp_path, caplog):
+    """A rollout whose log-probs are off by 1e-3 (far above the clip range) trains exactly as an exact one: the
+    guard warns, names the step and the gap, and the ratio starts at 1 (two mini-batches: the second one's old
+    log-probs come from the recompute)."""
+    overrides = ("trainer.total_steps=1", "trainer.save_freq=0", "trainer.plot_freq=0",
+                 "actor_rollout_ref.actor.mini_batch_size=4")
+    with _trainer(compose_tiny(tiny_model_path, tmp_path / "exact", *overrides)) as trainer:
+        exact = trainer.train_step()
+        exact_lora = trainer.workers.actor.checksum()
+    assert exact["old_log_probs_recomputed"] == 0 and exact["logprob_max_abs_diff_pre_update"] == 0.0
+
+    with _trainer(compose_tiny(tiny_model_path, tmp_path / "gap", *overrides)) as trainer:
+        actor = trainer.workers.actor
+        generate = actor.generate
+
+        def off_by_a_bit(*args, **kwargs):
+            result = generate(*args, **kwargs)
+            for batch in actor._batches:
+                batch.rollout_log_probs = batch.rollout_log_probs + 1e-3 * batch.sde_mask
+            return result
+
+        actor.generate = off_by_a_bit
+        with caplog.at_level(logging.WARNING, logger="verl_diffusion_rollout.trainer.actor"):
+            gapped = trainer.train_step()
+        gapped_lora = actor.checksum()
+    assert gapped["logprob_max_abs_diff_pre_update"] == pytest.approx(1e-3, rel=1e-3)
+    assert gapped["old_log_probs_recomputed"] == 1
+    warned = [r.getMessage() for r in caplog.records if "old log-probs" in r.getMessage()]
+    assert len(warned) == 1 and "step 1:" in warned[0] and "0.001" in warned[0], warned
+    for key in ("ratio_mean", "clipfrac", "policy_loss", "approx_kl", "grad_norm"):
+        assert gapped[key] == exact[key], key
+    assert gapped_lora == exact_lora
