@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from verl_diffusion_rollout.config import DiffusionSamplingConfig, LoRASyncConfig
 from verl_diffusion_rollout.engines import DiffusersEngine
-from verl_diffusion_rollout.lora_sync import WeightUpdateError, canonical_name
+from verl_diffusion_rollout.lora import WeightUpdateError, canonical_name
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 SAMPLING = DiffusionSamplingConfig(height=64, width=64, num_steps=4, sde_type="sde", noise_level=0.8)
@@ -140,8 +140,11 @@ def test_hundred_syncs_reuse_memory_and_never_drift(fresh_engine, tiny_model_pat
     config = peft_config()
     loras = [random_lora(fresh_engine.transformer, config, seed=s) for s in range(3)]
     fresh_engine.update_weights(loras[0].items(), peft_config=config)
+    base = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters() if "lora_" not in n}
     ptrs = {n: p.data_ptr() for n, p in fresh_engine.transformer.named_parameters()}
-    buffers = (fresh_engine._lora._pending.flat.data_ptr(), fresh_engine._lora._current.flat.data_ptr())
+    merged = {n: b.data_ptr() for n, b in fresh_engine.transformer.named_buffers() if n.endswith("merged_weight")}
+    assert len(merged) == len(fresh_engine._lora.spec.modules)
+    staging = fresh_engine._lora._pending.flat.data_ptr()
     gc.collect()
     rss_before = psutil.Process().memory_info().rss
     for i in range(100):
@@ -150,13 +153,20 @@ def test_hundred_syncs_reuse_memory_and_never_drift(fresh_engine, tiny_model_pat
     growth = psutil.Process().memory_info().rss - rss_before
     assert fresh_engine.weight_version == 101
     assert {n: p.data_ptr() for n, p in fresh_engine.transformer.named_parameters()} == ptrs
-    assert {fresh_engine._lora._pending.flat.data_ptr(), fresh_engine._lora._current.flat.data_ptr()} == set(buffers)
+    assert {n: b.data_ptr() for n, b in fresh_engine.transformer.named_buffers() if n in merged} == merged
+    assert fresh_engine._lora._pending.flat.data_ptr() == staging
     assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 100 syncs"
-    # No drift: after 101 syncs the weights equal those of one sync of the last LoRA on a fresh engine.
+    # The base weights are never written: the merge lives beside them.
+    for n, p in fresh_engine.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    # No drift: after 101 syncs weights and merged weights equal those of one sync of the last LoRA.
     once = DiffusersEngine(tiny_model_path)
     once.update_weights(loras[99 % 3].items(), peft_config=config)
-    reference = dict(once.transformer.named_parameters())
-    for n, p in fresh_engine.transformer.named_parameters():
+    reference = dict(once.transformer.named_parameters()) | dict(once.transformer.named_buffers())
+    live = dict(fresh_engine.transformer.named_parameters()) | dict(fresh_engine.transformer.named_buffers())
+    assert live.keys() == reference.keys()
+    for n, p in live.items():
         assert torch.equal(p, reference[n]), n
 
 
@@ -231,7 +241,8 @@ def test_full_weight_update_that_would_overflow_the_merged_lora_is_refused(fresh
             for k, v in random_lora(fresh_engine.transformer, config, 14).items()}
     fresh_engine.update_weights(lora.items(), peft_config=config)  # merged to_q = W + 2 * 4e36: finite
     before = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
-    params = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
+    params = {canonical_name(n): p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()
+              if "lora_" not in n}  # the base weights, by their plain names
     target = "transformer_blocks.0.attn.to_q.weight"
     params[target] = torch.full_like(params[target], 3.39e38)  # finite, but 3.39e38 + 8e36 overflows float32
     with pytest.raises(WeightUpdateError, match="overflows"):
