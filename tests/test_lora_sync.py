@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import psutil
 import pytest
@@ -250,3 +251,43 @@ def test_full_weight_update_that_would_overflow_the_merged_lora_is_refused(fresh
     assert fresh_engine.weight_version == 1
     for n, p in fresh_engine.transformer.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize(
+    "merge,dtype",
+    [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)],
+    ids=["merged-fp32", "unmerged-fp32", "merged-bf16"],
+)
+def test_synced_lora_samples_exactly_what_the_trainer_samples(tiny_model_path, merge, dtype):
+    """One LoRA layer for both: a trainer's LoRA synced into a rollout gives its fixed-seed samples bit for bit."""
+    from verl_diffusion_rollout.lora import MergedLoRALinear
+    from verl_diffusion_rollout.trainer.policy import SharedPolicy
+
+    trained = DiffusersEngine(tiny_model_path, dtype=dtype, lora=LoRASyncConfig(merge=merge))
+    policy = SharedPolicy(trained.attach_trainer(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), merged=merge)
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for p in policy.params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    policy.refresh()
+    rollout = DiffusersEngine(tiny_model_path, dtype=dtype, lora=LoRASyncConfig(merge=merge))
+    rollout.update_weights(policy.state_dict().items(), peft_config=policy.lora_config)
+    layer = rollout.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, MergedLoRALinear) == merge
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # float32 factors, as the trainer's masters
+    ours, theirs = outputs(rollout), outputs(trained)
+    if merge and dtype == torch.float32:  # the LoRA does change the samples
+        assert not torch.equal(ours["all_latents"], outputs(DiffusersEngine(tiny_model_path))["all_latents"])
+    assert_same_outputs(ours, theirs)
+
+
+def test_vllm_omni_version_check_accepts_the_verified_releases_and_names_others():
+    """The in-memory LoRA patch runs on vllm-omni 0.26.x and 0.30.x (checked without vllm-omni installed)."""
+    from verl_diffusion_rollout.engines.vllm_omni_lora import SUPPORTED_VLLM_OMNI_VERSIONS, check_vllm_omni_version
+
+    assert SUPPORTED_VLLM_OMNI_VERSIONS == ("0.26.", "0.30.")
+    for version in ("0.26.0", "0.26.3", "0.30.0", "0.30.1rc1"):
+        check_vllm_omni_version(version)
+    for version in ("0.27.0", "0.3.0", "0.260.0", "1.30.0", "unknown"):
+        with pytest.raises(RuntimeError, match=rf"vllm-omni {re.escape(version)} is not a version .*0\.26\.x, 0\.30\.x"):
+            check_vllm_omni_version(version)

@@ -119,7 +119,12 @@ def test_unknown_version_or_signature_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="vllm-omni 0.99.0 is not a version"):
         VLLMOmniLoRAPatch.install()
     assert not VLLMOmniLoRAPatch.installed()
-    monkeypatch.setattr(vllm_omni, "__version__", "0.30.0")
+    original = DiffusionLoRAManager._load_adapter
+    for verified in ("0.26.0", "0.30.0"):  # the releases whose _load_adapter the patch was checked against
+        monkeypatch.setattr(vllm_omni, "__version__", verified)
+        with VLLMOmniLoRAPatch():
+            assert DiffusionLoRAManager._load_adapter is not original
+        assert DiffusionLoRAManager._load_adapter is original
     monkeypatch.setattr(DiffusionLoRAManager, "_load_adapter", lambda self, lora_request, extra: None)
     with pytest.raises(RuntimeError, match="refusing to patch"):
         VLLMOmniLoRAPatch.install()
