@@ -171,14 +171,23 @@ def test_hundred_syncs_reuse_memory_and_never_drift(fresh_engine, tiny_model_pat
         assert torch.equal(p, reference[n]), n
 
 
-def test_lora_config_change_rebuilds_from_the_kept_base(fresh_engine, tiny_model_path):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_lora_config_change_replaces_the_layers(tiny_model_path, merge):
+    engine = DiffusersEngine(tiny_model_path, lora=LoRASyncConfig(merge=merge))
+    base = {canonical_name(n): p.detach().clone() for n, p in engine.transformer.named_parameters()}
     first = peft_config(rank=4)
-    fresh_engine.update_weights(random_lora(fresh_engine.transformer, first, 6).items(), peft_config=first)
+    engine.update_weights(random_lora(engine.transformer, first, 6).items(), peft_config=first)
     second = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False)
-    lora = random_lora(fresh_engine.transformer, second, 7)
-    fresh_engine.update_weights(lora.items(), peft_config=second)
+    lora = random_lora(engine.transformer, second, 7)
+    engine.update_weights(lora.items(), peft_config=second)
+    attn = engine.transformer.transformer_blocks[0].attn
+    assert type(attn.to_v) is torch.nn.Linear and attn.to_q.lora_A["default"].weight.shape[0] == 2
+    assert {canonical_name(n): p for n, p in engine.transformer.named_parameters() if "lora_" not in n}.keys() == base.keys()
+    for n, p in engine.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[canonical_name(n)]), n  # the base weights were never written
     ref = peft_reference(tiny_model_path, second, lora)
-    torch.testing.assert_close(outputs(fresh_engine)["all_latents"], outputs(ref)["all_latents"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(outputs(engine)["all_latents"], outputs(ref)["all_latents"], rtol=0, atol=1e-4)
 
 
 def test_full_weight_update(fresh_engine, tiny_model_path):
