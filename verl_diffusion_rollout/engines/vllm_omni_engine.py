@@ -1,6 +1,6 @@
 """``VLLMOmniEngine``: the optional production engine, vllm-omni serving our log-prob Qwen-Image pipeline.
 
-    pip install "verl_diffusion_rollout[vllm-omni]"     # vllm 0.30 + vllm-omni 0.30, in their own environment
+    pip install "verl_diffusion_rollout[vllm-omni]"     # vllm 0.30 + vllm-omni 0.30 (or both 0.26), own environment
 
 Same :class:`~verl_diffusion_rollout.engines.DiffusionEngine` interface as the diffusers engine. vllm-omni loads
 :class:`~verl_diffusion_rollout.engines.vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline` as a custom pipeline
@@ -209,7 +209,7 @@ class VLLMOmniEngine(DiffusionEngine):
             from vllm_omni.entrypoints.omni import Omni
         except ImportError as err:
             raise ImportError(
-                "rollout.engine=vllm_omni needs vllm-omni 0.30 and a GPU: pip install 'verl_diffusion_rollout[vllm-omni]' "
+                "rollout.engine=vllm_omni needs vllm-omni 0.30 (or 0.26) and a GPU: pip install 'verl_diffusion_rollout[vllm-omni]' "
                 f"in its own environment (see README, 'Choosing an engine'); import failed: {err}"
             ) from err
         VLLMOmniLoRAPatch.install()
