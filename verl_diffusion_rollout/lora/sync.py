@@ -238,7 +238,7 @@ class LoRASync:
         gives finite weights; returns the number of tensors. The model is untouched."""
         count = _stage(weights, self.spec.shapes, self._pending.views)
         self._pending_amax = _finite_amax(self._pending)
-        if self.merged:
+        if self.merged and not self._bound_holds(self._base_amax, self._pending_amax):
             bases = {name: _base_linear(self.model.get_submodule(name)).weight for name in self.spec.modules}
             self._check_merge_finite(self._pending.views, bases, self._base_amax, self._pending_amax)
         return count
