@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = [
@@ -30,7 +28,6 @@ __all__ = [
 
 _PREFIXES = ("base_model.model.", "transformer.")
 _ADAPTER_INFIX = re.compile(r"\.(lora_A|lora_B)\.(?!weight$)[^.]+\.weight$")
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
 class WeightUpdateError(ValueError):
