@@ -501,7 +501,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
     from peft import LoraConfig
     from safetensors.torch import load_file, save_file
 
-    from verl_diffusion_rollout.lora_sync import LoRASpec, MergedLoRA
+    from verl_diffusion_rollout.lora import LoRASpec, LoRASync, merge_weight
 
     fam = FAMILIES[args.family]
     rank = args.lora_rank
@@ -522,8 +522,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
     out["rollout_s_no_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
     out["rollout_s_no_lora_again"], _ = measure(fwd, device, args.repeats, args.lora_steps)
 
-    merged = MergedLoRA(dit, spec)
-    out["merge_extra_gib"] = merged.extra_bytes / 2**30
+    merged = LoRASync(dit, spec, config, merged=True)
 
     def sync_from(tensors: dict[str, torch.Tensor]) -> float:
         sync(device)
@@ -534,6 +533,7 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
         return time.perf_counter() - start
 
     times_gpu = [sync_from(loras[i % 2]) for i in range(args.lora_syncs)]
+    out["merge_extra_gib"] = merged.extra_bytes / 2**30
     out["sync_ms_from_gpu_median"] = 1000 * float(np.median(times_gpu[2:]))
     cpu_loras = [{k: v.cpu() for k, v in lora.items()} for lora in loras]
     times_cpu = [sync_from(cpu_loras[i % 2]) for i in range(8)]
@@ -557,19 +557,21 @@ def lora_bench(dit, device, dtype, args, results: dict) -> None:
         out["sync_ms_disk_roundtrip_median"] = 1000 * float(np.median(disk[1:]))
 
     # Exactness over many syncs: after N alternating syncs, weights equal one sync of the last LoRA.
-    last = loras[(args.lora_syncs - 1) % 2]
-    after_many = {n: dit.get_submodule(n).weight.detach().clone() for n in spec.modules[:8]}
-    merged.restore()
-    merged.stage(last.items())
-    merged.commit()
+    # The disk round trips synced loras[1] last; its merge from the untouched base weights, computed once.
+    last = loras[1]
     out["no_drift_after_syncs"] = all(
-        torch.equal(after_many[n], dit.get_submodule(n).weight) for n in after_many
+        torch.equal(
+            merged.layers[n].merged_weight,
+            merge_weight(merged.layers[n].get_base_layer().weight, last[f"{n}.lora_A.weight"],
+                         last[f"{n}.lora_B.weight"], spec.scale),
+        )
+        for n in spec.modules[:8]
     )
     out["syncs_checked"] = args.lora_syncs + 12
     out["rollout_s_merged_lora"], _ = measure(fwd, device, args.repeats, args.lora_steps)
     out["merged_vs_no_lora"] = out["rollout_s_merged_lora"] / out["rollout_s_no_lora"]
     out["no_lora_repeat_spread"] = out["rollout_s_no_lora_again"] / out["rollout_s_no_lora"]
-    merged.restore()
+    merged.remove()
     out["base_restored_exactly"] = all(torch.equal(base_weights[n], dit.get_submodule(n).weight) for n in base_weights)
     del merged
     gc.collect()

@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from verl_diffusion_rollout.config import DiffusionSamplingConfig, LoRASyncConfig, ServerLimits
 from verl_diffusion_rollout.engines import DiffusersEngine
 from verl_diffusion_rollout.errors import GenerationCancelled
-from verl_diffusion_rollout.lora_sync import WeightUpdateError, to_lora_config
+from verl_diffusion_rollout.lora import WeightUpdateError, to_lora_config
 from verl_diffusion_rollout.serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_to_bytes, tensor_to_json
 from verl_diffusion_rollout.server import check_bind, check_sampling_limits, main, serve_in_thread
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 
 import psutil
 import pytest
@@ -11,7 +12,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from verl_diffusion_rollout.config import DiffusionSamplingConfig, LoRASyncConfig
 from verl_diffusion_rollout.engines import DiffusersEngine
-from verl_diffusion_rollout.lora_sync import WeightUpdateError, canonical_name
+from verl_diffusion_rollout.lora import WeightUpdateError, canonical_name
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 SAMPLING = DiffusionSamplingConfig(height=64, width=64, num_steps=4, sde_type="sde", noise_level=0.8)
@@ -140,8 +141,11 @@ def test_hundred_syncs_reuse_memory_and_never_drift(fresh_engine, tiny_model_pat
     config = peft_config()
     loras = [random_lora(fresh_engine.transformer, config, seed=s) for s in range(3)]
     fresh_engine.update_weights(loras[0].items(), peft_config=config)
+    base = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters() if "lora_" not in n}
     ptrs = {n: p.data_ptr() for n, p in fresh_engine.transformer.named_parameters()}
-    buffers = (fresh_engine._lora._pending.flat.data_ptr(), fresh_engine._lora._current.flat.data_ptr())
+    merged = {n: b.data_ptr() for n, b in fresh_engine.transformer.named_buffers() if n.endswith("merged_weight")}
+    assert len(merged) == len(fresh_engine._lora.spec.modules)
+    staging = fresh_engine._lora._pending.flat.data_ptr()
     gc.collect()
     rss_before = psutil.Process().memory_info().rss
     for i in range(100):
@@ -150,24 +154,40 @@ def test_hundred_syncs_reuse_memory_and_never_drift(fresh_engine, tiny_model_pat
     growth = psutil.Process().memory_info().rss - rss_before
     assert fresh_engine.weight_version == 101
     assert {n: p.data_ptr() for n, p in fresh_engine.transformer.named_parameters()} == ptrs
-    assert {fresh_engine._lora._pending.flat.data_ptr(), fresh_engine._lora._current.flat.data_ptr()} == set(buffers)
+    assert {n: b.data_ptr() for n, b in fresh_engine.transformer.named_buffers() if n in merged} == merged
+    assert fresh_engine._lora._pending.flat.data_ptr() == staging
     assert growth < 32 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 100 syncs"
-    # No drift: after 101 syncs the weights equal those of one sync of the last LoRA on a fresh engine.
+    # The base weights are never written: the merge lives beside them.
+    for n, p in fresh_engine.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+    # No drift: after 101 syncs weights and merged weights equal those of one sync of the last LoRA.
     once = DiffusersEngine(tiny_model_path)
     once.update_weights(loras[99 % 3].items(), peft_config=config)
-    reference = dict(once.transformer.named_parameters())
-    for n, p in fresh_engine.transformer.named_parameters():
+    reference = dict(once.transformer.named_parameters()) | dict(once.transformer.named_buffers())
+    live = dict(fresh_engine.transformer.named_parameters()) | dict(fresh_engine.transformer.named_buffers())
+    assert live.keys() == reference.keys()
+    for n, p in live.items():
         assert torch.equal(p, reference[n]), n
 
 
-def test_lora_config_change_rebuilds_from_the_kept_base(fresh_engine, tiny_model_path):
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "unmerged"])
+def test_lora_config_change_replaces_the_layers(tiny_model_path, merge):
+    engine = DiffusersEngine(tiny_model_path, lora=LoRASyncConfig(merge=merge))
+    base = {canonical_name(n): p.detach().clone() for n, p in engine.transformer.named_parameters()}
     first = peft_config(rank=4)
-    fresh_engine.update_weights(random_lora(fresh_engine.transformer, first, 6).items(), peft_config=first)
+    engine.update_weights(random_lora(engine.transformer, first, 6).items(), peft_config=first)
     second = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False)
-    lora = random_lora(fresh_engine.transformer, second, 7)
-    fresh_engine.update_weights(lora.items(), peft_config=second)
+    lora = random_lora(engine.transformer, second, 7)
+    engine.update_weights(lora.items(), peft_config=second)
+    attn = engine.transformer.transformer_blocks[0].attn
+    assert type(attn.to_v) is torch.nn.Linear and attn.to_q.lora_A["default"].weight.shape[0] == 2
+    assert {canonical_name(n): p for n, p in engine.transformer.named_parameters() if "lora_" not in n}.keys() == base.keys()
+    for n, p in engine.transformer.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[canonical_name(n)]), n  # the base weights were never written
     ref = peft_reference(tiny_model_path, second, lora)
-    torch.testing.assert_close(outputs(fresh_engine)["all_latents"], outputs(ref)["all_latents"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(outputs(engine)["all_latents"], outputs(ref)["all_latents"], rtol=0, atol=1e-4)
 
 
 def test_full_weight_update(fresh_engine, tiny_model_path):
@@ -231,7 +251,8 @@ def test_full_weight_update_that_would_overflow_the_merged_lora_is_refused(fresh
             for k, v in random_lora(fresh_engine.transformer, config, 14).items()}
     fresh_engine.update_weights(lora.items(), peft_config=config)  # merged to_q = W + 2 * 4e36: finite
     before = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
-    params = {n: p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()}
+    params = {canonical_name(n): p.detach().clone() for n, p in fresh_engine.transformer.named_parameters()
+              if "lora_" not in n}  # the base weights, by their plain names
     target = "transformer_blocks.0.attn.to_q.weight"
     params[target] = torch.full_like(params[target], 3.39e38)  # finite, but 3.39e38 + 8e36 overflows float32
     with pytest.raises(WeightUpdateError, match="overflows"):
@@ -239,3 +260,43 @@ def test_full_weight_update_that_would_overflow_the_merged_lora_is_refused(fresh
     assert fresh_engine.weight_version == 1
     for n, p in fresh_engine.transformer.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize(
+    "merge,dtype",
+    [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)],
+    ids=["merged-fp32", "unmerged-fp32", "merged-bf16"],
+)
+def test_synced_lora_samples_exactly_what_the_trainer_samples(tiny_model_path, merge, dtype):
+    """One LoRA layer for both: a trainer's LoRA synced into a rollout gives its fixed-seed samples bit for bit."""
+    from verl_diffusion_rollout.lora import MergedLoRALinear
+    from verl_diffusion_rollout.trainer.policy import SharedPolicy
+
+    trained = DiffusersEngine(tiny_model_path, dtype=dtype, lora=LoRASyncConfig(merge=merge))
+    policy = SharedPolicy(trained.attach_trainer(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), merged=merge)
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for p in policy.params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    policy.refresh()
+    rollout = DiffusersEngine(tiny_model_path, dtype=dtype, lora=LoRASyncConfig(merge=merge))
+    rollout.update_weights(policy.state_dict().items(), peft_config=policy.lora_config)
+    layer = rollout.transformer.transformer_blocks[0].attn.to_q
+    assert isinstance(layer, MergedLoRALinear) == merge
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # float32 factors, as the trainer's masters
+    ours, theirs = outputs(rollout), outputs(trained)
+    if merge and dtype == torch.float32:  # the LoRA does change the samples
+        assert not torch.equal(ours["all_latents"], outputs(DiffusersEngine(tiny_model_path))["all_latents"])
+    assert_same_outputs(ours, theirs)
+
+
+def test_vllm_omni_version_check_accepts_the_verified_releases_and_names_others():
+    """The in-memory LoRA patch runs on vllm-omni 0.26.x and 0.30.x (checked without vllm-omni installed)."""
+    from verl_diffusion_rollout.engines.vllm_omni_lora import SUPPORTED_VLLM_OMNI_VERSIONS, check_vllm_omni_version
+
+    assert SUPPORTED_VLLM_OMNI_VERSIONS == ("0.26.", "0.30.")
+    for version in ("0.26.0", "0.26.3", "0.30.0", "0.30.1rc1"):
+        check_vllm_omni_version(version)
+    for version in ("0.27.0", "0.3.0", "0.260.0", "1.30.0", "unknown"):
+        with pytest.raises(RuntimeError, match=rf"vllm-omni {re.escape(version)} is not a version .*0\.26\.x, 0\.30\.x"):
+            check_vllm_omni_version(version)

@@ -13,7 +13,7 @@ from diffusers import StableDiffusion3Pipeline
 from verl_diffusion_rollout.config import DiffusionSamplingConfig
 from verl_diffusion_rollout.contract import CONTRACT_KEYS, DEBUG_KEYS, RolloutBatch
 from verl_diffusion_rollout.engines import DiffusersEngine
-from verl_diffusion_rollout.lora_sync import WeightUpdateError
+from verl_diffusion_rollout.lora import WeightUpdateError
 from verl_diffusion_rollout.pipelines import get_family, get_pipeline_class
 from verl_diffusion_rollout.pipelines.sd3 import StableDiffusion3LogProbPipeline
 from verl_diffusion_rollout.testing import TINY_SD3_DIMS, build_tiny_t5_tokenizer, tiny_sd3_path
@@ -338,7 +338,7 @@ def test_model_configs_target_the_joint_attention_of_every_block(name, tiny_sd3_
     from peft import LoraConfig
 
     import verl_diffusion_rollout  # noqa: F401  (registers the vdr.* resolvers)
-    from verl_diffusion_rollout.lora_sync import LoRASpec
+    from verl_diffusion_rollout.lora import LoRASpec
 
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "model" / f"{name}.yaml")
     if name == "tiny_sd3":

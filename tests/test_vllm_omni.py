@@ -21,12 +21,8 @@ pytestmark = pytest.mark.vllm_omni
 
 from vllm.lora.request import LoRARequest  # noqa: E402
 
-from verl_diffusion_rollout.lora_sync import (  # noqa: E402
-    VLLMOmniLoRAPatch,
-    WeightUpdateError,
-    peft_config_dict,
-    validate_lora_tensors,
-)
+from verl_diffusion_rollout.engines.vllm_omni_lora import VLLMOmniLoRAPatch  # noqa: E402
+from verl_diffusion_rollout.lora import WeightUpdateError, peft_config_dict, validate_lora_tensors  # noqa: E402
 
 DIM, RANK, BLOCKS = 16, 4, 2
 MODULES = ("to_q", "to_k")
@@ -123,7 +119,12 @@ def test_unknown_version_or_signature_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="vllm-omni 0.99.0 is not a version"):
         VLLMOmniLoRAPatch.install()
     assert not VLLMOmniLoRAPatch.installed()
-    monkeypatch.setattr(vllm_omni, "__version__", "0.30.0")
+    original = DiffusionLoRAManager._load_adapter
+    for verified in ("0.26.0", "0.30.0"):  # the releases whose _load_adapter the patch was checked against
+        monkeypatch.setattr(vllm_omni, "__version__", verified)
+        with VLLMOmniLoRAPatch():
+            assert DiffusionLoRAManager._load_adapter is not original
+        assert DiffusionLoRAManager._load_adapter is original
     monkeypatch.setattr(DiffusionLoRAManager, "_load_adapter", lambda self, lora_request, extra: None)
     with pytest.raises(RuntimeError, match="refusing to patch"):
         VLLMOmniLoRAPatch.install()
@@ -134,7 +135,7 @@ def test_tensor_request_loads_through_the_real_manager(vllm_cpu_runtime, patch):
     from vllm.lora.lora_model import LoRAModel
     from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
 
-    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+    from verl_diffusion_rollout.engines.vllm_omni_lora import TensorLoRARequest
 
     pipe = make_pipeline()
     manager = DiffusionLoRAManager(pipe, torch.device("cpu"), torch.float32)
@@ -179,7 +180,7 @@ def test_path_requests_still_take_the_original_loader(vllm_cpu_runtime, patch, t
 def test_tensor_request_for_unknown_modules_is_refused(vllm_cpu_runtime, patch):
     from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
 
-    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+    from verl_diffusion_rollout.engines.vllm_omni_lora import TensorLoRARequest
 
     manager = DiffusionLoRAManager(make_pipeline(), torch.device("cpu"), torch.float32)
     bad = {"transformer_blocks.0.attn.to_zz.lora_A.weight": torch.zeros(RANK, DIM),
@@ -690,7 +691,7 @@ def test_engine_lora_updates_refuse_what_vllm_would_not_apply_exactly():
 def test_worker_side_loader_refuses_a_dora_config(vllm_cpu_runtime, patch):
     from vllm_omni.diffusion.lora.manager import DiffusionLoRAManager
 
-    from verl_diffusion_rollout.lora_sync import TensorLoRARequest
+    from verl_diffusion_rollout.engines.vllm_omni_lora import TensorLoRARequest
 
     manager = DiffusionLoRAManager(make_pipeline(), torch.device("cpu"), torch.float32)
     request = TensorLoRARequest(lora_name="dora", lora_int_id=5, lora_path="vdr://memory/5",

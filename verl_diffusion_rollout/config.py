@@ -259,8 +259,9 @@ class LoRASyncConfig:
         alpha: LoRA alpha; the update is scaled by ``alpha / rank`` (``alpha / sqrt(rank)`` with rslora).
         target_modules: module-name suffixes the LoRA wraps (peft semantics).
         use_rslora: rank-stabilised scaling.
-        merge: merge the LoRA into the base weights for sampling (re-derived from a kept base copy at every sync,
-            so it never drifts); ``False`` keeps peft LoRA layers unmerged (slower sampling, identical kernels
+        merge: sample with ``W + s B A`` kept beside the untouched base weight ``W`` (one rounding from float32
+            factors at every sync, so it never drifts; :class:`~verl_diffusion_rollout.lora.layer.MergedLoRALinear`);
+            ``False`` keeps peft LoRA layers unmerged (slower sampling, identical kernels
             to a peft trainer).
     """
 

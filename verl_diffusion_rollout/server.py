@@ -63,7 +63,7 @@ from .config import DiffusionSamplingConfig, ServerLimits
 from .contract import ENV_KEYS, RolloutBatch
 from .engines import DiffusionEngine
 from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput, RoleMismatch
-from .lora_sync import WeightUpdateError, to_lora_config
+from .lora.config import WeightUpdateError, to_lora_config
 from .role_protocol import DecodeRequest, EmbeddingsGenerateRequest, EncodeRequest, env_from_json, env_to_json
 from .serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_from_bytes, tensor_from_json, tensor_to_json
 from .sglang_protocol import (

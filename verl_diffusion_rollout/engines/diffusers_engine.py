@@ -15,17 +15,8 @@ import torch
 from ..config import DiffusionSamplingConfig, LoRASyncConfig, attention_heads, check_heads
 from ..contract import RolloutBatch
 from ..errors import EngineAsleep, NonFiniteOutput
-from ..lora_sync import (
-    AdapterLoRA,
-    FullWeightSync,
-    LoRASpec,
-    MergedLoRA,
-    WeightUpdateError,
-    check_names_and_shapes,
-    is_lora_name,
-    iter_with_first,
-    to_lora_config,
-)
+from ..lora.config import LoRASpec, WeightUpdateError, is_lora_name, to_lora_config
+from ..lora.sync import FullWeightSync, LoRASync, check_names_and_shapes, iter_with_first
 from ..parallel import SequenceParallel
 from ..pipelines import get_pipeline_class, pipeline_class_name
 from ..pipelines.compile import compile_blocks
@@ -160,7 +151,7 @@ class DiffusersEngine(DiffusionEngine):
         self._rng = random.Random(seed)
         self._lock = ReadWriteLock()
         self._version = 0
-        self._lora: MergedLoRA | AdapterLoRA | None = None
+        self._lora: LoRASync | None = None
         self._lora_key: tuple | None = None
         self._full: FullWeightSync | None = None
         self._sleeping = False
@@ -254,36 +245,18 @@ class DiffusersEngine(DiffusionEngine):
         return self._version
 
     def _apply_lora(self, stream: Iterable, lora_config: Any, materialised: Sequence | None) -> None:
-        """Stage and check everything, then write (the writes cannot fail on the values)."""
+        """Stage and check everything, then write (the writes cannot fail on the values). A new LoRA config
+        builds a new :class:`LoRASync`, which replaces the previous one's layers only when it commits."""
         transformer = self.pipe.transformer
         key = _lora_key(lora_config)
-        previous = self._lora
-        if previous is not None and key == self._lora_key:
-            lora = previous
-            lora.stage(stream)
-            lora.commit()
-        elif self.lora_defaults.merge:
+        lora = self._lora
+        if lora is None or key != self._lora_key:
             spec = LoRASpec.from_model(transformer, lora_config)
             if materialised is not None:  # nothing is allocated for tensors the update does not bring
                 check_names_and_shapes(materialised, spec.shapes)
-            base = previous.base if isinstance(previous, MergedLoRA) else None
-            lora = MergedLoRA(transformer, spec, base_weights=base)
-            lora.stage(stream)
-            if isinstance(previous, MergedLoRA):  # modules the new LoRA no longer targets get their base back
-                previous.restore([m for m in previous.spec.modules if m not in set(spec.modules)])
-            lora.commit()
-        else:
-            if previous is not None:
-                raise WeightUpdateError(
-                    f"the LoRA config changed ({self._lora_key} -> {key}); unmerged adapters cannot be re-created "
-                    "in place: restart the rollout or use rollout.lora.merge=true"
-                )
-            spec = LoRASpec.from_model(transformer, lora_config)
-            if materialised is not None:
-                check_names_and_shapes(materialised, spec.shapes)
-            lora = AdapterLoRA(transformer, spec, lora_config)
-            lora.stage(stream)
-            lora.commit()
+            lora = LoRASync(transformer, spec, lora_config, merged=self.lora_defaults.merge, replaces=self._lora)
+        lora.stage(stream)
+        lora.commit()
         self._lora, self._lora_key, self._full = lora, key, None
 
     def _apply_full(self, stream: Iterable) -> None:

@@ -1,13 +1,13 @@
 """``VLLMOmniEngine``: the optional production engine, vllm-omni serving our log-prob Qwen-Image pipeline.
 
-    pip install "verl_diffusion_rollout[vllm-omni]"     # vllm 0.30 + vllm-omni 0.30, in their own environment
+    pip install "verl_diffusion_rollout[vllm-omni]"     # vllm 0.30 + vllm-omni 0.30 (or both 0.26), own environment
 
 Same :class:`~verl_diffusion_rollout.engines.DiffusionEngine` interface as the diffusers engine. vllm-omni loads
 :class:`~verl_diffusion_rollout.engines.vllm_omni_pipeline.VLLMOmniQwenImageLogProbPipeline` as a custom pipeline
 (``load_format="custom_pipeline"``), whose denoising loop calls the same ``sde.py`` step as the diffusers engine;
 each request carries its seeds and sampling config in ``extra_args["vdr"]``, and the trajectory comes back in the
 output's ``trajectory`` payload, which :func:`rollout_batch_from_omni_outputs` turns into a :class:`RolloutBatch`.
-LoRA updates travel in memory as a :class:`~verl_diffusion_rollout.lora_sync.TensorLoRARequest` (the adapter loader
+LoRA updates travel in memory as a :class:`~verl_diffusion_rollout.engines.vllm_omni_lora.TensorLoRARequest` (the adapter loader
 patch is installed in the workers by ``LoRAPatchWorkerExtension``).
 
 vllm-omni needs a GPU and vLLM's compiled ops: this engine is not exercised end to end by the CPU test suite
@@ -29,16 +29,10 @@ import torch
 from ..config import DiffusionSamplingConfig, LoRASyncConfig
 from ..contract import RolloutBatch, cat_padded
 from ..errors import EngineAsleep, GenerationCancelled
-from ..lora_sync import (
-    VLLMOmniLoRAPatch,
-    WeightUpdateError,
-    iter_with_first,
-    is_lora_name,
-    peft_config_dict,
-    to_lora_config,
-    validate_lora_tensors,
-)
+from ..lora.config import WeightUpdateError, is_lora_name, peft_config_dict, to_lora_config
+from ..lora.sync import iter_with_first, validate_lora_tensors
 from .base import DiffusionEngine, ReadWriteLock, check_finite_batch, expand_group_request
+from .vllm_omni_lora import VLLMOmniLoRAPatch
 
 __all__ = [
     "VLLMOmniEngine",
@@ -215,7 +209,7 @@ class VLLMOmniEngine(DiffusionEngine):
             from vllm_omni.entrypoints.omni import Omni
         except ImportError as err:
             raise ImportError(
-                "rollout.engine=vllm_omni needs vllm-omni 0.30 and a GPU: pip install 'verl_diffusion_rollout[vllm-omni]' "
+                "rollout.engine=vllm_omni needs vllm-omni 0.30 (or 0.26) and a GPU: pip install 'verl_diffusion_rollout[vllm-omni]' "
                 f"in its own environment (see README, 'Choosing an engine'); import failed: {err}"
             ) from err
         VLLMOmniLoRAPatch.install()
@@ -286,7 +280,7 @@ class VLLMOmniEngine(DiffusionEngine):
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], peft_config: Any = None) -> int:
         """LoRA updates only (vllm-omni loads full weights from its model folder); validated, then sent in memory."""
-        from ..lora_sync import TensorLoRARequest
+        from .vllm_omni_lora import TensorLoRARequest
 
         start = time.perf_counter()
         first, stream = iter_with_first(weights)

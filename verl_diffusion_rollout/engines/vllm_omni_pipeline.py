@@ -28,9 +28,9 @@ from vllm_omni.diffusion.worker.diffusion_worker import CustomPipelineWorkerExte
 
 from ..config import DiffusionSamplingConfig
 from ..contract import stack_padded
-from ..lora_sync import VLLMOmniLoRAPatch
 from ..pipelines.loop import Velocity, denoise_loop, per_sample_generators
 from ..pipelines.qwenimage import decode_packed_latents, qwenimage_initial_latents, qwenimage_scheduler
+from .vllm_omni_lora import VLLMOmniLoRAPatch
 
 __all__ = ["VLLMOmniQwenImageLogProbPipeline", "LoRAPatchWorkerExtension", "EXTRA_ARGS_KEY", "group_requests"]
 

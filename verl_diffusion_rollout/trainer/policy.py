@@ -3,7 +3,8 @@
 One transformer serves both jobs, so nothing is copied between a rollout copy and a trainer copy. Two ways to
 carry the LoRA (``rollout.lora.merge``):
 
-* merged (default): every targeted ``nn.Linear`` becomes a :class:`MergedLoRALinear`, which computes
+* merged (default): every targeted ``nn.Linear`` becomes a :class:`~verl_diffusion_rollout.lora.layer.MergedLoRALinear`
+  (the layer the rollout's in-memory sync uses too), which computes
   ``F.linear(x, W_merged)`` with ``W_merged = W + scale * B @ A`` rounded once to ``W``'s dtype and kept next to
   the untouched base weight ``W``. Sampling runs at the speed of the plain model; training gets LoRA's low-rank
   gradients for ``A`` and ``B`` through a custom backward. The merged weights are re-derived from ``W`` after
@@ -21,94 +22,12 @@ import hashlib
 from collections.abc import Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from ..lora.layer import MergedLoRALinear, float32_factors, lora_layer_config, lora_layers
 from .checkpoint import check_lora_keys
 
 __all__ = ["MergedLoRALinear", "SharedPolicy", "lora_layers"]
-
-
-class _MergedLoRAFunction(torch.autograd.Function):
-    """``y = F.linear(x, merged, bias)``; backward: ``dx = dy @ merged`` and LoRA's low-rank ``dA``, ``dB``.
-
-    The gradient passes straight through the rounding of the merge (``d merged / dA`` is taken as the exact
-    ``scale * B`` term), as for any LoRA trained against a merged forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, merged, bias, lora_a, lora_b, scale: float):  # noqa: D401
-        ctx.scale = scale
-        ctx.save_for_backward(x, merged, lora_a, lora_b)
-        return F.linear(x, merged, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, merged, lora_a, lora_b = ctx.saved_tensors
-        dx = dy.matmul(merged) if ctx.needs_input_grad[0] else None
-        da = db = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            # Low-rank products in the activations' dtype (bf16 on GPUs, as under autocast), results in the
-            # LoRA parameters' dtype.
-            x2 = x.reshape(-1, x.shape[-1])
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            a = lora_a.to(x2.dtype)
-            b = lora_b.to(x2.dtype)
-            if ctx.needs_input_grad[4]:
-                db = (dy2.t().matmul(x2.matmul(a.t())) * ctx.scale).to(lora_b.dtype)
-            if ctx.needs_input_grad[3]:
-                da = (dy2.matmul(b).t().matmul(x2) * ctx.scale).to(lora_a.dtype)
-        return dx, None, None, da, db, None
-
-
-class MergedLoRALinear(LoraLinear):
-    """peft's LoRA ``Linear`` computing with a kept merged weight (see the module docstring).
-
-    ``merged_weight`` (a non-persistent buffer, so it follows ``.to()`` and stays out of state dicts) holds
-    ``W + scale * B @ A`` in ``W``'s dtype once :meth:`refresh_merged_weight` has run; until then, with adapters
-    disabled, or with several adapters, the layer behaves exactly as peft's.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("merged_weight", None, persistent=False)
-
-    @torch.no_grad()
-    def refresh_merged_weight(self) -> None:
-        """Re-derive ``merged_weight`` from the base weight and the current ``A``, ``B`` (one rounding)."""
-        (adapter,) = self.active_adapters
-        weight = self.get_base_layer().weight
-        delta = self.get_delta_weight(adapter)
-        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
-        if self.merged_weight is None or self.merged_weight.shape != merged.shape:
-            self.merged_weight = merged
-        else:
-            self.merged_weight.copy_(merged)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if (
-            self.merged_weight is None
-            or self.disable_adapters
-            or self.merged
-            or kwargs.get("adapter_names") is not None
-            or len(self.active_adapters) != 1
-        ):
-            return super().forward(x, *args, **kwargs)
-        (adapter,) = self.active_adapters
-        return _MergedLoRAFunction.apply(
-            x,
-            self.merged_weight,
-            self.get_base_layer().bias,
-            self.lora_A[adapter].weight,
-            self.lora_B[adapter].weight,
-            float(self.scaling[adapter]),
-        )
-
-
-def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    """Every peft LoRA ``Linear`` of ``model`` by module name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
 class SharedPolicy:
@@ -139,13 +58,11 @@ class SharedPolicy:
         self.transformer = transformer
         self.lora_config = lora_config
         self.merged = merged
-        if merged:
-            lora_config._register_custom_module({nn.Linear: MergedLoRALinear})
         transformer.requires_grad_(False)
         with torch.random.fork_rng(devices=_cuda_devices(transformer)):
             torch.manual_seed(seed)
             try:
-                transformer.add_adapter(lora_config)
+                transformer.add_adapter(lora_layer_config(lora_config, merged))
             except ValueError as err:  # peft: "Target modules ... not found in the base model"
                 raise ValueError(f"{config_key}={targets!r} match no module of "
                                  f"{type(transformer).__name__}: {err}") from err
@@ -153,12 +70,10 @@ class SharedPolicy:
         if not self.layers:
             raise ValueError(f"{config_key}={targets!r} match no nn.Linear of "
                              f"{type(transformer).__name__}")
-        # Trainable master weights in float32 whatever the model dtype.
+        float32_factors(self.layers.values())  # trainable master weights in float32 whatever the model dtype
         self.named_params: dict[str, nn.Parameter] = {
             name: p for name, p in transformer.named_parameters() if p.requires_grad
         }
-        for p in self.named_params.values():
-            p.data = p.data.float()
         self.params = list(self.named_params.values())
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
