@@ -1,0 +1,248 @@
+"""Training that survives faults: Ctrl-C and SIGKILL at a rollout, an update and a checkpoint write, each followed by a
+resume, end with the uninterrupted run's LoRA and AdamW state bit for bit (fp32, CPU); a non-finite update never
+reaches a checkpoint and stops the run naming the cause; old checkpoints are pruned; replicas draw distinct
+fallback seeds.
+
+Faults land at exact moments: :class:`SignalAt` sends a real signal to this process when the main thread enters a
+given function for the n-th time (``sys.setprofile``). SIGKILL runs happen in children of a ``forkserver`` that
+imported the trainer once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from verl_diffusion_rollout.main_flowgrpo import run
+from verl_diffusion_rollout.rollout import DiffusionRollout
+from verl_diffusion_rollout.trainer.checkpoint import checkpoint_steps, latest_checkpoint, load_checkpoint
+from verl_diffusion_rollout.trainer.config import FlowGRPOConfig
+from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer, NonFiniteTraining
+
+from test_trainer import compose_tiny
+
+# 3 RL steps; each: 2 forward batches of 4 samples (2 rollout calls), 2 mini-batches (2 optimizer steps), a checkpoint
+# (2 safetensors files). The faults hit step 2.
+RECIPE = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.plot_freq=0", "trainer.logger=[jsonl]",
+          "actor_rollout_ref.actor.mini_batch_size=4"]
+POINTS = {  # moment -> (function, n-th call): inside step 2
+    "rollout": ("verl_diffusion_rollout.rollout:DiffusionRollout.generate_sequences", 4),
+    "update": ("torch.optim:AdamW.step", 4),
+    "checkpoint": ("safetensors.torch:save_file", 4),
+}
+
+
+def _code(spec: str):
+    module, _, qualname = spec.partition(":")
+    obj = __import__(module, fromlist=["_"])
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return inspect.unwrap(obj).__code__
+
+
+class SignalAt:
+    """Send ``signum`` to this process each time the main thread enters ``spec`` for the n-th time, n in ``nths``."""
+
+    def __init__(self, spec: str, nths: int | tuple[int, ...], signum: int):
+        self.code, self.signum, self.calls = _code(spec), signum, 0
+        self.nths = (nths,) if isinstance(nths, int) else tuple(nths)
+
+    def _hook(self, frame, event, arg):
+        if event == "call" and frame.f_code is self.code:
+            self.calls += 1
+            if self.calls in self.nths:
+                if self.calls == max(self.nths):
+                    sys.setprofile(None)
+                os.kill(os.getpid(), self.signum)
+
+    def __enter__(self):
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+        return False
+
+
+def _killed_child(model_path: str, out: str, point: str) -> None:
+    spec, nth = POINTS[point]
+    with SignalAt(spec, nth, signal.SIGKILL):
+        run(compose_tiny(model_path, out, *RECIPE))
+
+
+def assert_same_state(a, b):
+    lora_a, _, state_a = load_checkpoint(a)
+    lora_b, _, state_b = load_checkpoint(b)
+    assert state_a["step"] == state_b["step"]
+    assert sorted(lora_a) == sorted(lora_b)
+    for key in lora_a:
+        assert torch.equal(lora_a[key], lora_b[key]), (a, key)
+    opt_a, opt_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert sorted(opt_a) == sorted(opt_b) and opt_a
+    for index in opt_a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a[index][name], opt_b[index][name]), (a, index, name)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    history = run(compose_tiny(tiny_model_path, out, *RECIPE))
+    assert sorted(checkpoint_steps(out / "checkpoints")) == [1, 2, 3]
+    return out, history
+
+
+def resume(tiny_model_path, out: Path, *extra: str) -> list[dict]:
+    return run(compose_tiny(tiny_model_path, out, *RECIPE, *extra, f"trainer.resume_from={out / 'checkpoints'}"))
+
+
+def check_left_checkpoints(out: Path, ref: Path) -> dict[int, Path]:
+    left = checkpoint_steps(out / "checkpoints")
+    assert left, "the faulted run left no checkpoint"
+    for folder in left.values():  # no folder holds another step's state, or a partial one
+        assert_same_state(folder, ref / "checkpoints" / folder.name)
+    return left
+
+
+# -- Ctrl-C (a real SIGINT to this process) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("point, latest_step", [("rollout", 1), ("update", 2), ("checkpoint", 2)])
+def test_ctrl_c_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference, point, latest_step):
+    """Ctrl-C in step 2's rollout saves nothing new (step 1 is saved already); in its update (between its two
+    optimizer steps: the window where a checkpoint named step 1 used to get half of step 2) the update finishes and
+    step 2 is saved; in its checkpoint write the write finishes. Resumed, the run ends as the uninterrupted one."""
+    ref, ref_history = reference
+    out = tmp_path / "run"
+    spec, nth = POINTS[point]
+    with pytest.raises(KeyboardInterrupt), SignalAt(spec, nth, signal.SIGINT) as fault:
+        run(compose_tiny(tiny_model_path, out, *RECIPE))
+    assert fault.calls == nth
+    left = check_left_checkpoints(out, ref)
+    assert sorted(left) == list(range(1, latest_step + 1))
+    assert latest_checkpoint(out / "checkpoints") == str(left[latest_step])
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    history = resume(tiny_model_path, out, "trainer.max_actor_ckpt_to_keep=2")
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert [h["reward_mean"] for h in history] == [h["reward_mean"] for h in ref_history]
+    assert_same_state(out / "checkpoints" / "step_000003", ref / "checkpoints" / "step_000003")
+    assert sorted(checkpoint_steps(out / "checkpoints")) == [2, 3]  # max_actor_ckpt_to_keep=2 keeps two
+
+
+def test_second_ctrl_c_aborts_the_update_and_keeps_the_step_before(tiny_model_path, tmp_path, reference):
+    """Ctrl-C at step 2's first optimizer step, and again at its second: the update is rolled back, the state is
+    step 1's exactly, and no checkpoint has any of step 2."""
+    ref, _ = reference
+    out = tmp_path / "run"
+    config = FlowGRPOConfig.from_omegaconf(compose_tiny(tiny_model_path, out, *RECIPE))
+    trainer = FlowGRPOTrainer(config)
+    try:
+        spec, nth = POINTS["update"]
+        with pytest.raises(KeyboardInterrupt), SignalAt(spec, (nth - 1, nth), signal.SIGINT):
+            trainer.fit()
+        assert trainer.step == 1
+        left = check_left_checkpoints(out, ref)
+        assert sorted(left) == [1]
+        lora, _, state = load_checkpoint(ref / "checkpoints" / "step_000001")
+        live = trainer.workers.state()
+        for key in lora:
+            assert torch.equal(live["lora"][key], lora[key]), key
+        for index, moments in state["optimizer"]["state"].items():
+            for name in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(live["optimizer"]["state"][index][name], moments[name]), (index, name)
+    finally:
+        trainer.close()
+
+
+# -- SIGKILL: no handler runs; what resume reads must still be whole -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def forkserver():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["verl_diffusion_rollout.trainer.flowgrpo", "test_faults"])
+    return ctx
+
+
+@pytest.mark.parametrize("point", ["rollout", "update", "checkpoint"])
+def test_sigkill_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference, forkserver, point):
+    ref, _ = reference
+    out = tmp_path / "run"
+    child = forkserver.Process(target=_killed_child, args=(tiny_model_path, str(out), point))
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == -signal.SIGKILL
+    left = check_left_checkpoints(out, ref)
+    assert sorted(left) == [1]  # killed inside step 2: its checkpoint, if begun, is only a temporary folder
+    assert latest_checkpoint(out / "checkpoints") == str(left[1])
+    if point == "checkpoint":
+        assert (out / "checkpoints" / "step_000002.tmp").is_dir()
+    history = resume(tiny_model_path, out)
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert_same_state(out / "checkpoints" / "step_000003", ref / "checkpoints" / "step_000003")
+
+
+# -- non-finite updates ---------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_updates_never_reach_a_checkpoint_and_stop_the_run(tiny_model_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteTraining) as failure:
+        run(compose_tiny(tiny_model_path, out, *RECIPE, "trainer.total_steps=5", "actor_rollout_ref.actor.lr=1e30"))
+    message = str(failure.value)
+    assert "3 updates in a row were discarded" in message and "at step 3" in message
+    assert "non-finite updated LoRA" in message and "actor_rollout_ref.actor.max_skipped_steps=3" in message
+    last = out / "checkpoints" / "step_000003"
+    assert f"trainer.resume_from={last}" in message
+    steps = checkpoint_steps(out / "checkpoints")
+    assert sorted(steps) == [1, 2, 3]
+    for folder in steps.values():  # every checkpoint finite, and still the initial LoRA (B = 0): nothing applied
+        lora, _, state = load_checkpoint(folder)
+        assert all(torch.isfinite(v).all() for v in lora.values())
+        assert all(torch.equal(v, torch.zeros_like(v)) for k, v in lora.items() if "lora_B" in k)
+        assert state["optimizer"]["state"] == {}  # AdamW never stepped
+        assert [h["skipped_steps"] for h in state["history"]] == list(range(1, state["step"] + 1))
+
+
+def test_a_nan_reward_names_its_reward_function():
+    from verl_diffusion_rollout.trainer.rewards import REWARD_REGISTRY, build_reward, register_reward
+
+    if "nan_for_test" not in REWARD_REGISTRY:
+        @register_reward("nan_for_test")
+        def _nan(**_):
+            return lambda images, prompts: torch.tensor([0.5, float("nan"), 0.1])
+
+    reward = build_reward({"brightness": 1.0, "nan_for_test": 1.0})
+    with pytest.raises(ValueError, match=r"reward 'nan_for_test' returned NaN/Inf for 1 of 3 images \(first at index 1"):
+        reward(torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+
+
+# -- replica seeds ----------------------------------------------------------------------------------------------------------
+
+
+def test_replicas_draw_distinct_fallback_seeds_and_keep_given_ones(tiny_model_path):
+    from omegaconf import OmegaConf
+
+    from verl_diffusion_rollout.config import DiffusionRolloutConfig, DiffusionSamplingConfig
+    from verl_diffusion_rollout.engines.base import fallback_seed
+
+    config = DiffusionRolloutConfig(device="cpu", dtype="float32", seed=5,
+                                    sampling=DiffusionSamplingConfig(height=64, width=64, num_steps=2))
+    model = OmegaConf.create({"_target_": "verl_diffusion_rollout.config.DiffusionModelConfig", "path": tiny_model_path})
+    replicas = [DiffusionRollout(config=config, model_config=model, replica_rank=r) for r in (0, 1)]
+    unseeded = [r.engine.generate(["a red cat"], sampling=config.sampling, n=2) for r in replicas]
+    assert unseeded[0].seeds.tolist() != unseeded[1].seeds.tolist()
+    assert not torch.equal(unseeded[0].responses, unseeded[1].responses)
+    seeded = [r.engine.generate(["a red cat"], seeds=[11, 12], sampling=config.sampling, n=2) for r in replicas]
+    assert seeded[0].seeds.tolist() == seeded[1].seeds.tolist() == [11, 12]
+    assert torch.equal(seeded[0].responses, seeded[1].responses)
+    assert fallback_seed(5) == 5  # replica 0 / dp rank 0 keep the configured seed
+    assert len({fallback_seed(5, r, d) for r in range(3) for d in range(3)}) == 9
