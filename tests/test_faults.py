@@ -32,7 +32,7 @@ from test_trainer import compose_tiny
 # (2 safetensors files). The faults hit step 2.
 RECIPE = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.plot_freq=0", "trainer.logger=[jsonl]",
           "actor_rollout_ref.actor.mini_batch_size=4"]
-POINTS = {  # moment -> (function, n-th call): inside step 2
+POINTS = {  # moment -> (function, its n-th call in a fresh run: inside step 2)
     "rollout": ("verl_diffusion_rollout.rollout:DiffusionRollout.generate_sequences", 4),
     "update": ("torch.optim:AdamW.step", 4),
     "checkpoint": ("safetensors.torch:save_file", 4),
@@ -71,10 +71,10 @@ class SignalAt:
         return False
 
 
-def _killed_child(model_path: str, out: str, point: str) -> None:
-    spec, nth = POINTS[point]
-    with SignalAt(spec, nth, signal.SIGKILL):
-        run(compose_tiny(model_path, out, *RECIPE))
+def _killed_child(model_path: str, out: str, point: str, nth: int, resumed: bool) -> None:
+    resume = [f"trainer.resume_from={out}/checkpoints"] if resumed else []
+    with SignalAt(POINTS[point][0], nth, signal.SIGKILL):
+        run(compose_tiny(model_path, out, *RECIPE, *resume))
 
 
 def assert_same_state(a, b):
@@ -99,10 +99,6 @@ def reference(tiny_model_path, tmp_path_factory):
     return out, history
 
 
-def resume(tiny_model_path, out: Path, *extra: str) -> list[dict]:
-    return run(compose_tiny(tiny_model_path, out, *RECIPE, *extra, f"trainer.resume_from={out / 'checkpoints'}"))
-
-
 def check_left_checkpoints(out: Path, ref: Path) -> dict[int, Path]:
     left = checkpoint_steps(out / "checkpoints")
     assert left, "the faulted run left no checkpoint"
@@ -111,54 +107,56 @@ def check_left_checkpoints(out: Path, ref: Path) -> dict[int, Path]:
     return left
 
 
-# -- Ctrl-C (a real SIGINT to this process) -----------------------------------------------------------------------------
+# -- Ctrl-C (a real SIGINT to this process), then resume, four times over ------------------------------------------------
 
 
-@pytest.mark.parametrize("point, latest_step", [("rollout", 1), ("update", 2), ("checkpoint", 2)])
-def test_ctrl_c_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference, point, latest_step):
-    """Ctrl-C in step 2's rollout saves nothing new (step 1 is saved already); in its update (between its two
-    optimizer steps: the window where a checkpoint named step 1 used to get half of step 2) the update finishes and
-    step 2 is saved; in its checkpoint write the write finishes. Resumed, the run ends as the uninterrupted one."""
+def trainer_for(tiny_model_path, out: Path, *extra: str) -> FlowGRPOTrainer:
+    return FlowGRPOTrainer(FlowGRPOConfig.from_omegaconf(compose_tiny(tiny_model_path, out, *RECIPE, *extra)))
+
+
+def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference):
+    """One run, Ctrl-C'd and resumed four times; each link resumes from the ``latest`` marker:
+
+    1. in step 2's rollout: step 1 is saved already, nothing is written again;
+    2. in step 2's update, between its two optimizer steps (where a checkpoint named step 1 used to get half of
+       step 2): the update finishes and step 2 is saved;
+    3. twice in step 3's update (at each optimizer step): the update is aborted and rolled back; the live state is
+       step 2's exactly and no checkpoint holds any of step 3;
+    4. in step 3's checkpoint write: the write finishes.
+    Every checkpoint left equals the uninterrupted run's of that step; the last is its final LoRA and AdamW state.
+    """
     ref, ref_history = reference
     out = tmp_path / "run"
-    spec, nth = POINTS[point]
-    with pytest.raises(KeyboardInterrupt), SignalAt(spec, nth, signal.SIGINT) as fault:
-        run(compose_tiny(tiny_model_path, out, *RECIPE))
-    assert fault.calls == nth
-    left = check_left_checkpoints(out, ref)
-    assert sorted(left) == list(range(1, latest_step + 1))
-    assert latest_checkpoint(out / "checkpoints") == str(left[latest_step])
-    assert not list((out / "checkpoints").glob("*.tmp"))
-    history = resume(tiny_model_path, out, "trainer.max_actor_ckpt_to_keep=2")
-    assert [h["step"] for h in history] == [1, 2, 3]
+    resume = (f"trainer.resume_from={out / 'checkpoints'}", "trainer.max_actor_ckpt_to_keep=2")
+    links = [  # (resumed, moment, its n-th calls in this link, checkpoints left, step of the live state)
+        (False, "rollout", 4, [1], 1),
+        (True, "update", 2, [1, 2], 2),
+        (True, "update", (1, 2), [1, 2], 2),
+        (True, "checkpoint", 2, [2, 3], 3),  # max_actor_ckpt_to_keep=2 prunes step 1
+    ]
+    for i, (resumed, point, nths, left_steps, live_step) in enumerate(links):
+        trainer = trainer_for(tiny_model_path, out, *(resume if resumed else ()))
+        try:
+            with pytest.raises(KeyboardInterrupt), SignalAt(POINTS[point][0], nths, signal.SIGINT) as fault:
+                trainer.fit()
+            assert fault.calls == max(fault.nths), i
+            assert trainer.step == live_step, i
+            left = check_left_checkpoints(out, ref)
+            assert sorted(left) == left_steps, i
+            assert latest_checkpoint(out / "checkpoints") == str(left[live_step]), i
+            assert not list((out / "checkpoints").glob("*.tmp")), i
+            lora, _, state = load_checkpoint(left[live_step])
+            live = trainer.workers.state()
+            for key in lora:
+                assert torch.equal(live["lora"][key], lora[key]), (i, key)
+            for index, moments in state["optimizer"]["state"].items():
+                for name in ("exp_avg", "exp_avg_sq", "step"):
+                    assert torch.equal(live["optimizer"]["state"][index][name], moments[name]), (i, index, name)
+            history = list(trainer.history)
+        finally:
+            trainer.close()
     assert [h["reward_mean"] for h in history] == [h["reward_mean"] for h in ref_history]
     assert_same_state(out / "checkpoints" / "step_000003", ref / "checkpoints" / "step_000003")
-    assert sorted(checkpoint_steps(out / "checkpoints")) == [2, 3]  # max_actor_ckpt_to_keep=2 keeps two
-
-
-def test_second_ctrl_c_aborts_the_update_and_keeps_the_step_before(tiny_model_path, tmp_path, reference):
-    """Ctrl-C at step 2's first optimizer step, and again at its second: the update is rolled back, the state is
-    step 1's exactly, and no checkpoint has any of step 2."""
-    ref, _ = reference
-    out = tmp_path / "run"
-    config = FlowGRPOConfig.from_omegaconf(compose_tiny(tiny_model_path, out, *RECIPE))
-    trainer = FlowGRPOTrainer(config)
-    try:
-        spec, nth = POINTS["update"]
-        with pytest.raises(KeyboardInterrupt), SignalAt(spec, (nth - 1, nth), signal.SIGINT):
-            trainer.fit()
-        assert trainer.step == 1
-        left = check_left_checkpoints(out, ref)
-        assert sorted(left) == [1]
-        lora, _, state = load_checkpoint(ref / "checkpoints" / "step_000001")
-        live = trainer.workers.state()
-        for key in lora:
-            assert torch.equal(live["lora"][key], lora[key]), key
-        for index, moments in state["optimizer"]["state"].items():
-            for name in ("exp_avg", "exp_avg_sq", "step"):
-                assert torch.equal(live["optimizer"]["state"][index][name], moments[name]), (index, name)
-    finally:
-        trainer.close()
 
 
 # -- SIGKILL: no handler runs; what resume reads must still be whole -----------------------------------------------------
@@ -171,20 +169,21 @@ def forkserver():
     return ctx
 
 
-@pytest.mark.parametrize("point", ["rollout", "update", "checkpoint"])
-def test_sigkill_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference, forkserver, point):
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_path, reference, forkserver):
+    """SIGKILL in step 2's rollout; resumed, killed in step 2's update; resumed, killed inside step 2's checkpoint
+    write (its temporary folder is left); resumed to the end: the uninterrupted run's final state."""
     ref, _ = reference
     out = tmp_path / "run"
-    child = forkserver.Process(target=_killed_child, args=(tiny_model_path, str(out), point))
-    child.start()
-    child.join(timeout=300)
-    assert child.exitcode == -signal.SIGKILL
-    left = check_left_checkpoints(out, ref)
-    assert sorted(left) == [1]  # killed inside step 2: its checkpoint, if begun, is only a temporary folder
-    assert latest_checkpoint(out / "checkpoints") == str(left[1])
-    if point == "checkpoint":
-        assert (out / "checkpoints" / "step_000002.tmp").is_dir()
-    history = resume(tiny_model_path, out)
+    for point, nth, resumed in [("rollout", 4, False), ("update", 2, True), ("checkpoint", 2, True)]:
+        child = forkserver.Process(target=_killed_child, args=(tiny_model_path, str(out), point, nth, resumed))
+        child.start()
+        child.join(timeout=300)
+        assert child.exitcode == -signal.SIGKILL, point
+        left = check_left_checkpoints(out, ref)
+        assert sorted(left) == [1], point  # killed inside step 2: its checkpoint, if begun, is a temporary folder
+        assert latest_checkpoint(out / "checkpoints") == str(left[1]), point
+    assert (out / "checkpoints" / "step_000002.tmp").is_dir()
+    history = run(compose_tiny(tiny_model_path, out, *RECIPE, f"trainer.resume_from={out / 'checkpoints'}"))
     assert [h["step"] for h in history] == [1, 2, 3]
     assert not list((out / "checkpoints").glob("*.tmp"))
     assert_same_state(out / "checkpoints" / "step_000003", ref / "checkpoints" / "step_000003")
@@ -196,14 +195,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tiny_model_path, tmp_pa
 def test_non_finite_updates_never_reach_a_checkpoint_and_stop_the_run(tiny_model_path, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteTraining) as failure:
-        run(compose_tiny(tiny_model_path, out, *RECIPE, "trainer.total_steps=5", "actor_rollout_ref.actor.lr=1e30"))
+        run(compose_tiny(tiny_model_path, out, *RECIPE, "actor_rollout_ref.actor.lr=1e30",
+                         "actor_rollout_ref.actor.max_skipped_steps=2"))
     message = str(failure.value)
-    assert "3 updates in a row were discarded" in message and "at step 3" in message
-    assert "non-finite updated LoRA" in message and "actor_rollout_ref.actor.max_skipped_steps=3" in message
-    last = out / "checkpoints" / "step_000003"
+    assert "2 updates in a row were discarded" in message and "at step 2" in message
+    assert "non-finite updated LoRA" in message and "actor_rollout_ref.actor.max_skipped_steps=2" in message
+    last = out / "checkpoints" / "step_000002"
     assert f"trainer.resume_from={last}" in message
     steps = checkpoint_steps(out / "checkpoints")
-    assert sorted(steps) == [1, 2, 3]
+    assert sorted(steps) == [1, 2]
     for folder in steps.values():  # every checkpoint finite, and still the initial LoRA (B = 0): nothing applied
         lora, _, state = load_checkpoint(folder)
         assert all(torch.isfinite(v).all() for v in lora.values())
