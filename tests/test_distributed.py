@@ -76,10 +76,12 @@ def test_a_rank_killed_inside_update_stops_the_run_naming_it_and_the_checkpoint_
         import os
         import signal
 
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
         def kill(optimizer, args, kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
-        torch.optim.Optimizer.register_optimizer_step_pre_hook(kill)
+        register_optimizer_step_pre_hook(kill)
 
     def arm_rank_one_after_step_one():
         marker = out / "checkpoints" / "step_000001" / "adapter_model.safetensors"
