@@ -189,6 +189,39 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny_model_pat
     assert_same_state(out / "checkpoints" / "step_000003", ref / "checkpoints" / "step_000003")
 
 
+# -- checkpoint mechanics -------------------------------------------------------------------------------------------------
+
+
+def _lora(value: float) -> dict[str, torch.Tensor]:
+    return {"blocks.0.to_q.lora_A.weight": torch.full((2, 4), value)}
+
+
+def test_checkpoints_replace_atomically_and_prune_to_max_actor_ckpt_to_keep(tmp_path):
+    from peft import LoraConfig
+
+    from verl_diffusion_rollout.trainer.checkpoint import prune_checkpoints, save_checkpoint
+
+    peft = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"])
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(root / f"step_{step:06d}", _lora(step), peft, {"step": step}, keep=2)
+    assert sorted(checkpoint_steps(root)) == [3, 4]  # keep=2 keeps two
+    assert latest_checkpoint(root) == str(root / "step_000004")
+    # a stale temporary folder (a kill mid-write) and an existing folder of the same name: replaced, nothing left over
+    (root / "step_000004.tmp").mkdir()
+    (root / "step_000004.tmp" / "adapter_model.safetensors").write_bytes(b"partial")
+    save_checkpoint(root / "step_000004", _lora(40.0), peft, {"step": 4})
+    assert torch.equal(load_checkpoint(root)[0]["blocks.0.to_q.lora_A.weight"], torch.full((2, 4), 40.0))
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000004"]
+    # the folder latest names is never pruned, even when it is not among the newest
+    (root / "latest").write_text("step_000003")
+    assert prune_checkpoints(root, 1) == []
+    assert sorted(checkpoint_steps(root)) == [3, 4]
+    with pytest.raises(ValueError, match="trainer.max_actor_ckpt_to_keep must be an int >= 1"):
+        save_checkpoint(root / "step_000005", _lora(5.0), peft, {"step": 5}, keep=0)
+    assert not (root / "step_000005").exists() and latest_checkpoint(root) == str(root / "step_000003")
+
+
 # -- non-finite updates ---------------------------------------------------------------------------------------------------
 
 
