@@ -364,9 +364,10 @@ class _UpdateTransaction:
         self.skipped: str | None = None
 
     def __enter__(self) -> _UpdateTransaction:
+        # On the host: the copy (LoRA + AdamW moments) costs no accelerator memory, and one transfer per RL step.
         policy, optimizer = self.actor.policy, self.actor.optimizer
-        self._params = [p.detach().clone() for p in policy.params]
-        self._optimizer = _clone(optimizer.state_dict())
+        self._params = [p.detach().to("cpu", copy=True) for p in policy.params]
+        self._optimizer = _clone_to_cpu(optimizer.state_dict())
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
@@ -375,7 +376,7 @@ class _UpdateTransaction:
         actor = self.actor
         with torch.no_grad(), actor.engine.modify_weights():
             for p, saved in zip(actor.policy.params, self._params):
-                p.copy_(saved)
+                p.copy_(saved)  # in place: the optimizer and the merged layers keep referring to these tensors
                 p.grad = None
             actor.optimizer.load_state_dict(self._optimizer)
             actor._grad_acc.zero_()
@@ -405,13 +406,13 @@ def first_nonfinite(policy: SharedPolicy) -> str | None:
     return named[int((~finite).nonzero()[0])][0]
 
 
-def _clone(value: Any) -> Any:
+def _clone_to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
+        return {k: _clone_to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
+        return type(value)(_clone_to_cpu(v) for v in value)
     return value
 
 
