@@ -29,13 +29,13 @@ from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer, NonFiniteTr
 from test_trainer import compose_tiny
 
 # 3 RL steps; each: 2 forward batches of 4 samples (2 rollout calls), 2 mini-batches (2 optimizer steps), a checkpoint
-# (2 safetensors files). The faults hit step 2.
+# (2 safetensors files).
 RECIPE = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.plot_freq=0", "trainer.logger=[jsonl]",
           "actor_rollout_ref.actor.mini_batch_size=4"]
-POINTS = {  # moment -> (function, its n-th call in a fresh run: inside step 2)
-    "rollout": ("verl_diffusion_rollout.rollout:DiffusionRollout.generate_sequences", 4),
-    "update": ("torch.optim:AdamW.step", 4),
-    "checkpoint": ("safetensors.torch:save_file", 4),
+POINTS = {  # moment -> the function whose n-th call the signal is sent at
+    "rollout": "verl_diffusion_rollout.rollout:DiffusionRollout.generate_sequences",  # 2 calls per RL step
+    "update": "torch.optim:AdamW.step",  # 2 calls per RL step
+    "checkpoint": "safetensors.torch:save_file",  # 2 calls per checkpoint (LoRA, trainer-state tensors)
 }
 
 
@@ -73,7 +73,7 @@ class SignalAt:
 
 def _killed_child(model_path: str, out: str, point: str, nth: int, resumed: bool) -> None:
     resume = [f"trainer.resume_from={out}/checkpoints"] if resumed else []
-    with SignalAt(POINTS[point][0], nth, signal.SIGKILL):
+    with SignalAt(POINTS[point], nth, signal.SIGKILL):
         run(compose_tiny(model_path, out, *RECIPE, *resume))
 
 
@@ -137,7 +137,7 @@ def test_ctrl_c_anywhere_then_resume_gives_the_uninterrupted_run(tiny_model_path
     for i, (resumed, point, nths, left_steps, live_step) in enumerate(links):
         trainer = trainer_for(tiny_model_path, out, *(resume if resumed else ()))
         try:
-            with pytest.raises(KeyboardInterrupt), SignalAt(POINTS[point][0], nths, signal.SIGINT) as fault:
+            with pytest.raises(KeyboardInterrupt), SignalAt(POINTS[point], nths, signal.SIGINT) as fault:
                 trainer.fit()
             assert fault.calls == max(fault.nths), i
             assert trainer.step == live_step, i
