@@ -41,7 +41,9 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "psutil>=5.9"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "psutil>=5.9", "wandb>=0.17"],
+        # trainer.logger=[..., wandb]: verl's Tracking logs to wandb (offline without an account: `wandb sync` later)
+        "wandb": ["wandb>=0.17"],
         # vllm-omni pins transformers>=5.13 while verl 0.9 pins <5.11: install it in its own environment
         # (see README, "Choosing an engine").
         "vllm-omni": ["vllm==0.30.0", "vllm-omni==0.30.0"],

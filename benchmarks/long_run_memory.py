@@ -75,7 +75,7 @@ def main() -> None:
     overrides = [
         f"actor_rollout_ref.model.path={model}", f"trainer.output_dir={work / 'run'}", f"trainer.total_steps={args.steps}",
         f"trainer.save_freq={args.save_freq}", "trainer.max_actor_ckpt_to_keep=2", "trainer.plot_freq=0",
-        "trainer.logger=[jsonl]", "trainer.progress_bar=false", f"actor_rollout_ref.rollout.device={args.device}",
+        "trainer.logger=[file]", "trainer.progress_bar=false", f"actor_rollout_ref.rollout.device={args.device}",
         f"actor_rollout_ref.rollout.dtype={dtype}", "data.samples_per_step=4", "actor_rollout_ref.rollout.n=2",
         "actor_rollout_ref.rollout.sampling.num_steps=3", "actor_rollout_ref.actor.micro_batch_size=2",
         "actor_rollout_ref.actor.mini_batch_size=2",

@@ -91,7 +91,7 @@ def main() -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
     common = [
         f"trainer.total_steps={args.steps}", "trainer.save_freq=1", "trainer.check_weights_freq=1",
-        "trainer.progress_bar=false", "trainer.logger=[jsonl]", "trainer.plot_freq=0",
+        "trainer.progress_bar=false", "trainer.logger=[file]", "trainer.plot_freq=0", "data.val_prompts=null",
         f"actor_rollout_ref.rollout.device={args.device}", f"actor_rollout_ref.rollout.dtype={args.dtype}",
         f"actor_rollout_ref.actor.lr={args.lr}", "~reward.functions", f"+reward.functions.{args.reward}=1.0",
         "data.samples_per_step=16", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.micro_batch_size=4",

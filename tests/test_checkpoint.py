@@ -136,7 +136,7 @@ def test_latest_cannot_leave_the_checkpoint_folder(tmp_path):
     assert latest_checkpoint(checkpoints) is None
 
 
-@pytest.mark.parametrize("victim", ["adapter_model.safetensors", "trainer_state.safetensors", "trainer_state.json", "adapter_config.json"])
+@pytest.mark.parametrize("victim", ["pytorch_lora_weights.safetensors", "trainer_state.safetensors", "trainer_state.json"])
 def test_corrupt_files_are_named(tmp_path, victim):
     path = tmp_path / "step_000001"
     save_checkpoint(path, lora_state(), PEFT, {"step": 1, "optimizer": {"state": {0: {"m": torch.ones(3)}}}})
@@ -179,3 +179,39 @@ def test_check_lora_keys_names_missing_unexpected_and_mismatched():
     assert "2 missing" in message and "blocks.0.to_q.lora_B.weight" in message and "blocks.1.to_q.lora_A.weight" in message
     assert "1 unexpected" in message and "blocks.9.extra.lora_B.weight" in message
     assert "1 with the wrong shape" in message and "(3, 8) (expected (2, 8))" in message
+
+
+def test_lora_is_saved_in_diffusers_layout_with_its_config(tmp_path):
+    from safetensors import safe_open
+
+    path = save_checkpoint(tmp_path / "step_000001", lora_state(), PEFT, {"step": 1}, pipeline_class="StableDiffusion3Pipeline")
+    weights = os.path.join(path, "pytorch_lora_weights.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        assert sorted(f.keys()) == sorted("transformer." + k for k in lora_state())
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["transformer.r"] == 2 and meta["transformer.lora_alpha"] == 4
+    lora, config, _ = load_checkpoint(path)
+    assert config["r"] == 2 and config["target_modules"] == ["to_q"]
+    assert all(torch.equal(lora[k], v) and lora[k].dtype == v.dtype for k, v in lora_state().items())
+    with pytest.raises(ValueError, match="NoSuchPipeline"):
+        save_checkpoint(tmp_path / "bad", lora_state(), PEFT, {"step": 1}, pipeline_class="NoSuchPipeline")
+
+
+def test_old_peft_layout_checkpoints_still_load_or_name_the_missing_file(tmp_path):
+    """The layout written before diffusers' format: ``adapter_model.safetensors`` (peft prefix) + ``adapter_config.json``."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "step_000002"
+    save_checkpoint(path, lora_state(), PEFT, {"step": 2, "m": torch.ones(2)})
+    (path / "pytorch_lora_weights.safetensors").unlink()
+    save_file({"base_model.model." + k: v for k, v in lora_state().items()}, path / "adapter_model.safetensors")
+    (path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "target_modules": ["to_q"]}))
+    lora, config, state = load_checkpoint(path)
+    assert all(torch.equal(lora[k], v) for k, v in lora_state().items()) and sorted(lora) == sorted(lora_state())
+    assert config["r"] == 2 and state["step"] == 2 and torch.equal(state["m"], torch.ones(2))
+    (path / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        load_checkpoint(path)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_lora_weights\.safetensors"):
+        load_checkpoint(path)

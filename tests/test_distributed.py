@@ -84,7 +84,7 @@ def test_a_rank_killed_inside_update_stops_the_run_naming_it_and_the_checkpoint_
         register_optimizer_step_pre_hook(kill)
 
     def arm_rank_one_after_step_one():
-        marker = out / "checkpoints" / "step_000001" / "adapter_model.safetensors"
+        marker = out / "checkpoints" / "step_000001" / "pytorch_lora_weights.safetensors"
         deadline = time.monotonic() + 600
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -30,7 +30,7 @@ from test_trainer import compose_tiny
 
 # 3 RL steps; each: 2 forward batches of 4 samples (2 rollout calls), 2 mini-batches (2 optimizer steps), a checkpoint
 # (2 safetensors files).
-RECIPE = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.plot_freq=0", "trainer.logger=[jsonl]",
+RECIPE = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.plot_freq=0", "trainer.logger=[file]",
           "actor_rollout_ref.actor.mini_batch_size=4"]
 POINTS = {  # moment -> the function whose n-th call the signal is sent at
     "rollout": "verl_diffusion_rollout.rollout:DiffusionRollout.generate_sequences",  # 2 calls per RL step
@@ -209,7 +209,7 @@ def test_checkpoints_replace_atomically_and_prune_to_max_actor_ckpt_to_keep(tmp_
     assert latest_checkpoint(root) == str(root / "step_000004")
     # a stale temporary folder (a kill mid-write) and an existing folder of the same name: replaced, nothing left over
     (root / "step_000004.tmp").mkdir()
-    (root / "step_000004.tmp" / "adapter_model.safetensors").write_bytes(b"partial")
+    (root / "step_000004.tmp" / "pytorch_lora_weights.safetensors").write_bytes(b"partial")
     save_checkpoint(root / "step_000004", _lora(40.0), peft, {"step": 4})
     assert torch.equal(load_checkpoint(root)[0]["blocks.0.to_q.lora_A.weight"], torch.full((2, 4), 40.0))
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000004"]

@@ -29,7 +29,8 @@ def compose_tiny(tiny_model_path, out_dir, *overrides):
                 f"actor_rollout_ref.model.path={tiny_model_path}",
                 f"trainer.output_dir={out_dir}",
                 "trainer.progress_bar=false",
-                "trainer.logger=[jsonl,tensorboard]",
+                "trainer.logger=[file,tensorboard]",
+                "data.val_prompts=null",
                 "data.samples_per_step=8",
                 "actor_rollout_ref.rollout.n=4",
                 "actor_rollout_ref.rollout.sampling.num_steps=4",
@@ -95,6 +96,8 @@ def test_clipped_loss_matches_its_definition():
         (["+actor_rollout_ref.actor.kl_convention=flow_grpo"], ValueError,
          r"actor_rollout_ref.actor.kl_convention must be one of \['flowgrpo', 'exact'\], got 'flow_grpo'"),
         (["data.prompts=null", "data.train_files=/no/prompts.txt"], FileNotFoundError, "data.train_files"),
+        (["data.val_files=/no/val.txt"], FileNotFoundError, "data.val_files '/no/val.txt' does not exist"),
+        (["trainer.logger=[console,jsonl]"], ValueError, "'jsonl' is now verl's 'file' backend"),
     ],
 )
 def test_bad_recipe_configs_fail_before_any_work(tiny_model_path, tmp_path, overrides, error, match):
@@ -107,9 +110,48 @@ def test_bad_recipe_configs_fail_before_any_work(tiny_model_path, tmp_path, over
 # -- the loop ----------------------------------------------------------------------------------------------------
 
 
-def test_three_step_run_writes_everything(tiny_model_path, tmp_path):
-    out = tmp_path / "run"
-    history = run(compose_tiny(tiny_model_path, out, "trainer.total_steps=3", "trainer.save_freq=3", "trainer.plot_freq=3"))
+THREE_STEPS = ("trainer.total_steps=3", "trainer.save_freq=3", "trainer.plot_freq=3")
+VAL_PROMPTS = "[a purple fish,an orange boat,a white horse,a black chair,a pink cloud]"
+# train-side metrics that depend only on the run (not on the clock)
+TRAIN_KEYS = ("reward_mean", "reward_std", "reward/jpeg_compressibility", "zero_std_groups", "trained_samples",
+              "policy_loss", "clipfrac", "approx_kl", "ratio_mean", "grad_norm", "logprob_max_abs_diff_pre_update",
+              "weight_version")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_path, tmp_path_factory):
+    """The tiny recipe, 3 steps, no evaluation: ``(output folder, history)``."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    return out, run(compose_tiny(tiny_model_path, out, *THREE_STEPS))
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_model_path, tmp_path_factory):
+    """The same run with evaluation (before training, every 2 steps, at the end) and verl's console, tensorboard
+    and file backends; then one more evaluation of the final LoRA. ``{"out", "history", "val", "again", "console"}``."""
+    import contextlib
+    import io
+
+    from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer
+
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = compose_tiny(tiny_model_path, out, *THREE_STEPS, "trainer.logger=[console,tensorboard,file]",
+                       f"data.val_prompts={VAL_PROMPTS}", "trainer.test_freq=2", "trainer.val_before_train=true",
+                       "trainer.log_val_generations=3")
+    trainer = FlowGRPOTrainer(FlowGRPOConfig.from_omegaconf(cfg))
+    console = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(console):
+            history = trainer.fit()
+        again = trainer.evaluate()
+        val = [dict(v) for v in trainer.evaluator.history]
+    finally:
+        trainer.close()
+    return {"out": out, "history": history, "val": val, "again": again, "console": console.getvalue()}
+
+
+def test_three_step_run_writes_everything(plain_run):
+    out, history = plain_run
     assert [h["step"] for h in history] == [1, 2, 3]
     # The update replays the rollout's own forward batches through the rollout's own transformer: the
     # importance ratio starts at exactly 1 at every step.
@@ -117,14 +159,116 @@ def test_three_step_run_writes_everything(tiny_model_path, tmp_path):
     assert all(h["weight_version"] == h["step"] for h in history)  # one weight change per step
     assert all(h["switch_s"] > 0 and h["rollout_s"] > 0 and h["train_s"] > 0 for h in history)
     assert all(math.isfinite(h["reward_mean"]) for h in history)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3] and "clipfrac" in lines[0] and "approx_kl" in lines[0]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # verl's file backend
+    assert [r["step"] for r in lines] == [1, 2, 3] and "clipfrac" in lines[0]["data"] and "approx_kl" in lines[0]["data"]
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert (out / "samples_step_000003.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.*"))
+    assert not list(out.glob("val_*"))  # no held-out prompts: no evaluation
     lora, config, state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert state["step"] == 3 and config["r"] == 8 and any("lora_B" in k for k in lora)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it learned something
+
+
+def test_tracking_backends_write_console_tensorboard_and_file(eval_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, history = eval_run["out"], eval_run["history"]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rewards = events.Scalars("reward_mean")
+    assert [e.step for e in rewards] == [1, 2, 3]
+    assert [e.value for e in rewards] == pytest.approx([h["reward_mean"] for h in history], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/reward_mean")] == [0, 2, 3]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert set(records[0]["data"]) == {"val/reward_mean", "val/reward_std", "val/jpeg_compressibility"}
+    for record, h in zip(records[1:], history):
+        assert record["data"]["reward_mean"] == h["reward_mean"] and record["data"]["grad_norm"] == h["grad_norm"]
+    assert "val/reward_mean" in records[2]["data"] and "val/reward_mean" not in records[1]["data"]
+    console = eval_run["console"]
+    assert all(f"step:{s} - " in console for s in (0, 1, 2, 3)) and "reward_mean:" in console
+
+
+def test_evaluation_runs_at_the_configured_steps_and_is_deterministic(eval_run):
+    out, val = eval_run["out"], eval_run["val"]
+    assert [v["step"] for v in val] == [0, 2, 3]  # before training, every test_freq=2 steps, at the last step
+    assert all(math.isfinite(v["val/reward_mean"]) and "val/jpeg_compressibility" in v for v in val)
+    assert val[0]["val/reward_mean"] != val[-1]["val/reward_mean"]  # the LoRA changed what the eval sees
+    # The same LoRA evaluated again: identical metrics (ODE sampling, fixed seeds).
+    assert eval_run["again"] == {k: v for k, v in val[-1].items() if k != "step"}
+    for step in (0, 2, 3):
+        assert (out / f"val_step_{step:06d}.png").stat().st_size > 1000
+    assert not (out / "val_step_000001.png").exists()
+    assert (out / "val_reward_curve.png").stat().st_size > 1000
+    _, _, state = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert [v["step"] for v in state["val_history"]] == [0, 2, 3]  # kept for a resumed run's curve
+
+
+def test_evaluation_does_not_change_the_training_trajectory(eval_run, plain_run):
+    plain_out, plain = plain_run
+    with_eval = eval_run["history"]
+    assert len(plain) == len(with_eval) == 3
+    for a, b in zip(plain, with_eval):
+        assert {k: a[k] for k in TRAIN_KEYS} == {k: b[k] for k in TRAIN_KEYS}
+    lora_a, _, _ = load_checkpoint(latest_checkpoint(plain_out / "checkpoints"))
+    lora_b, _, _ = load_checkpoint(latest_checkpoint(eval_run["out"] / "checkpoints"))
+    assert lora_a.keys() == lora_b.keys() and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+
+def assert_diffusers_loads_the_checkpoint(pipeline_cls, model_path: str, ckpt: str, sampling, seed: int = 3) -> float:
+    """Load ``ckpt`` into a stock diffusers pipeline with ``load_lora_weights`` (no warnings) and check that its ODE
+    sample (seed ``seed``) equals our engine's with the same LoRA synced in; returns the max abs difference."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from peft import LoraConfig
+
+    from verl_diffusion_rollout.engines import DiffusersEngine
+
+    ode = sampling.replace(sde_type="ode")
+    prompt = "a red cat"
+    lora, config, _ = load_checkpoint(ckpt)
+    engine = DiffusersEngine(model_path, device="cpu", dtype=torch.float32)
+    base = engine.generate([prompt], seeds=[seed], sampling=ode)
+    engine.update_weights(iter(lora.items()), peft_config=LoraConfig(
+        r=config["r"], lora_alpha=config["lora_alpha"], target_modules=config["target_modules"]))
+    ours = engine.generate([prompt], seeds=[seed], sampling=ode)
+
+    pipe = pipeline_cls.from_pretrained(model_path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        pipe.load_lora_weights(ckpt)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    # SD3's load_lora_weights also looks for LoRA keys of both text encoders and says "safe to ignore" when a LoRA
+    # (like every transformer-only one) has none; any other warning (e.g. no keys for the transformer) fails.
+    messages = [r.getMessage() for r in records]
+    unexpected = [m for m in messages if not ("prefix='text_encoder" in m and "safe to ignore" in m)]
+    assert not unexpected, unexpected
+    cfg = {"true_cfg_scale": ode.guidance_scale} if pipeline_cls.__name__ == "QwenImagePipeline" else {
+        "guidance_scale": ode.guidance_scale}
+    ref = pipe(prompt=prompt, negative_prompt=ode.negative_prompt, height=ode.height, width=ode.width,
+               num_inference_steps=ode.num_steps, max_sequence_length=ode.max_sequence_length, output_type="pt",
+               generator=torch.Generator().manual_seed(seed), **cfg).images
+    diff = (ours.responses - ref).abs().max().item()
+    print(f"{pipeline_cls.__name__}.load_lora_weights vs our engine, ODE image: max |diff| = {diff:.3g}")
+    assert diff <= 1e-5
+    assert (base.responses - ref).abs().max().item() > 100 * max(diff, 1e-7)  # the LoRA is really in both
+    return diff
+
+
+def test_a_trained_checkpoint_loads_into_stock_diffusers(plain_run, tiny_model_path):
+    from diffusers import QwenImagePipeline
+
+    out, _ = plain_run
+    config = FlowGRPOConfig.from_omegaconf(compose_tiny(tiny_model_path, out))
+    assert_diffusers_loads_the_checkpoint(QwenImagePipeline, tiny_model_path, latest_checkpoint(out / "checkpoints"),
+                                          config.rollout.sampling)
 
 
 def test_resume_continues_exactly(tiny_model_path, tmp_path):
@@ -145,14 +289,17 @@ def test_resume_continues_exactly(tiny_model_path, tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_with_missing_lora_tensors(tiny_model_path, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     run(compose_tiny(tiny_model_path, tmp_path / "full", "trainer.total_steps=1", "trainer.save_freq=1"))
     ckpt = tmp_path / "full" / "checkpoints" / "step_000001"
-    weights = ckpt / "adapter_model.safetensors"
+    weights = ckpt / "pytorch_lora_weights.safetensors"
     tensors = load_file(weights)
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
     dropped = [k for k in tensors if "lora_B" in k][:4]
-    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights)
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights, metadata=metadata)
     with pytest.raises(ValueError, match="4 missing") as err:
         run(compose_tiny(tiny_model_path, tmp_path / "resumed", "trainer.total_steps=2", f"trainer.resume_from={ckpt}"))
     assert str(ckpt) in str(err.value)
@@ -255,7 +402,7 @@ def test_tiny_sd3_recipe_learns_jpeg_compressibility(tiny_sd3_model_path, tmp_pa
                 f"actor_rollout_ref.model.path={tiny_sd3_model_path}",
                 f"trainer.output_dir={tmp_path / 'run'}",
                 "trainer.progress_bar=false",
-                "trainer.logger=[jsonl]",
+                "trainer.logger=[file]",
             ],
         )
     history = run(cfg)
@@ -264,3 +411,8 @@ def test_tiny_sd3_recipe_learns_jpeg_compressibility(tiny_sd3_model_path, tmp_pa
     assert all(h["logprob_max_abs_diff_pre_update"] == 0.0 for h in history)
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.5, (first, last)
+    from diffusers import StableDiffusion3Pipeline
+
+    config = FlowGRPOConfig.from_omegaconf(cfg)
+    assert_diffusers_loads_the_checkpoint(StableDiffusion3Pipeline, tiny_sd3_model_path,
+                                          latest_checkpoint(tmp_path / "run" / "checkpoints"), config.rollout.sampling)

@@ -56,8 +56,10 @@ def save_curves(
     title: str = "",
     xlabel: str = "step",
     bands: dict[str, Sequence[float]] | None = None,
+    steps: Sequence[int] | None = None,
 ) -> str:
-    """Plot one or more named series against their index and save a PNG; ``bands`` adds a ±std shade."""
+    """Plot one or more named series against ``steps`` (default: 1, 2, ...) and save a PNG; ``bands`` adds a ±std
+    shade."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +67,7 @@ def save_curves(
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
     for name, values in series.items():
-        xs = list(range(1, len(values) + 1))
+        xs = list(steps) if steps is not None else list(range(1, len(values) + 1))
         ax.plot(xs, values, marker="o", markersize=3, label=name)
         if bands and name in bands:
             lo = [v - s for v, s in zip(values, bands[name])]

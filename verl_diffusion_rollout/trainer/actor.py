@@ -185,6 +185,39 @@ class FlowGRPOActor:
             weight_version=self._batches[0].weight_version,
         )
 
+    def evaluate(self, prompts: list[str], seeds: list[int], num_images: int = 0) -> GenerateResult:
+        """Sample one image per ``(prompt, seed)`` deterministically (``sde_type=ode``: no noise after the seed's
+        initial latent) with the current policy, in forward batches of up to ``actor.micro_batch_size``, and score
+        them. Nothing is kept: the batches of the last :meth:`generate` (which :meth:`update` trains on) stay."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; need one seed per prompt")
+        start = time.perf_counter()
+        responses, futures = [], []
+        for lo in range(0, len(prompts), self.micro):
+            rows = prompts[lo : lo + self.micro]
+            data = DataProto.from_dict(
+                tensors={"seeds": torch.tensor(seeds[lo : lo + self.micro], dtype=torch.int64)},
+                non_tensors={"raw_prompt": np.array(rows, dtype=object)},
+                meta_info={"sampling": {"sde_type": "ode"}},
+            )
+            batch = from_data_proto(self.rollout.generate_sequences(data))
+            if lo < num_images:
+                responses.append(batch.responses[: num_images - lo])
+            futures.append(self.reward.submit(batch.responses, rows))
+        rollout_s = time.perf_counter() - start
+        scores = [f.result() for f in futures]
+        images = None
+        if num_images and responses:
+            images = (torch.cat(responses).clamp(0, 1) * 255).round().to(torch.uint8)
+        empty = torch.zeros(0)
+        return GenerateResult(
+            rewards=torch.cat([s[0] for s in scores]).float() if scores else empty,
+            parts={k: torch.cat([s[1][k] for s in scores]).float() for k in scores[0][1]} if scores else {},
+            images=images,
+            timings={"rollout_s": rollout_s, "reward_s": time.perf_counter() - start - rollout_s},
+            weight_version=self.engine.weight_version,
+        )
+
     # -- update ---------------------------------------------------------------------------------------------------
 
     def update(self, advantages: torch.Tensor, keep: torch.Tensor, plan: list[MiniBatchPlan]) -> UpdateResult:

@@ -1,9 +1,12 @@
-"""LoRA checkpoints in peft's format, written atomically, plus the trainer state that makes a resume exact.
+"""LoRA checkpoints in diffusers' LoRA format, written atomically, plus the trainer state that makes a resume exact.
 
-A checkpoint folder holds ``adapter_model.safetensors`` and ``adapter_config.json`` (what
-``peft.PeftModel.from_pretrained`` reads), and the trainer state (step, seed, metrics history, optimizer state) as
-``trainer_state.json`` (its structure) plus ``trainer_state.safetensors`` (its tensors). Nothing is unpickled on
-load: a checkpoint is data, never code. The older pickle ``trainer_state.pt`` is no longer read.
+A checkpoint folder holds ``pytorch_lora_weights.safetensors``, written by the model's diffusers pipeline class
+(``QwenImagePipeline.save_lora_weights``, ``StableDiffusion3Pipeline.save_lora_weights``): ``transformer.``-prefixed
+peft names, the LoRA config in the file's metadata, so ``pipe.load_lora_weights(<checkpoint>)`` loads it as is.
+The trainer state (step, seed, metrics history, optimizer state) sits beside it as ``trainer_state.json`` (its
+structure) plus ``trainer_state.safetensors`` (its tensors). Nothing is unpickled on load: a checkpoint is data,
+never code. Checkpoints of the older peft layout (``adapter_model.safetensors`` + ``adapter_config.json``) still
+resume; the older pickle ``trainer_state.pt`` is no longer read.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -31,10 +34,19 @@ __all__ = [
     "check_lora_keys",
     "encode_state",
     "decode_state",
+    "save_lora",
+    "load_lora",
     "PEFT_PREFIX",
+    "LORA_WEIGHTS",
+    "DIFFUSERS_PREFIX",
 ]
 
 PEFT_PREFIX = "base_model.model."
+# diffusers' LoRA layout (``LORA_WEIGHT_NAME_SAFE``, ``LORA_ADAPTER_METADATA_KEY``, the pipelines' ``transformer_name``)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"
+DIFFUSERS_PREFIX = "transformer."
+# the older peft layout, still read
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"
@@ -141,6 +153,7 @@ def save_checkpoint(
     lora_state: dict[str, torch.Tensor],
     peft_config: Any,
     trainer_state: dict[str, Any],
+    pipeline_class: str = "QwenImagePipeline",
     keep: int | None = None,
 ) -> str:
     """Write the checkpoint to ``path`` atomically and point the folder's ``latest`` marker at it.
@@ -150,6 +163,9 @@ def save_checkpoint(
     a kill at any moment leaves ``latest`` naming a complete checkpoint (the new one or the previous one).
     ``keep``: keep this many ``step_*`` folders, removing the oldest (never the one ``latest`` names); ``None``
     keeps all.
+
+    ``lora_state``: peft names (``get_peft_model_state_dict``); ``pipeline_class``: the diffusers pipeline class
+    of the model (``model_index.json``'s ``_class_name``), whose ``save_lora_weights`` writes the LoRA.
 
     ``trainer_state``: ``step``, ``seed``, ``history``, ``optimizer`` (a torch ``state_dict()``) and any other
     JSON-able values or tensors; :func:`load_checkpoint` returns an equal structure (tensors bit-identical).
@@ -161,9 +177,7 @@ def save_checkpoint(
     if tmp.exists():  # left by a crash during an earlier write
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in lora_state.items()}, tmp / ADAPTER_WEIGHTS)
-    config = peft_config.to_dict() if hasattr(peft_config, "to_dict") else dict(peft_config)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(_json_ready(config), indent=2, default=str))
+    save_lora(tmp, lora_state, peft_config, pipeline_class)
     tensors: dict[str, torch.Tensor] = {}
     structure = encode_state(trainer_state, tensors)
     save_file(tensors, tmp / TRAINER_TENSORS)
@@ -232,7 +246,7 @@ def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep: int) -> list[str
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """``(lora_state without the peft prefix, adapter config dict, trainer state)``.
+    """``(lora_state with peft names, LoRA config dict, trainer state)``.
 
     ``path`` is a checkpoint folder, or a checkpoints folder whose ``latest`` marker names one. Every error names
     the file at fault; nothing is unpickled.
@@ -242,22 +256,15 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         path = _resolve_latest(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {str(path)!r} does not exist")
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: {path / name} is missing")
     if not (path / TRAINER_STATE).is_file():
         if (path / LEGACY_TRAINER_STATE).is_file():
             raise ValueError(
                 f"{path / LEGACY_TRAINER_STATE} is a pickled trainer state from an older version; it is no longer "
                 f"read (unpickling can run code). Resume is not possible from it; its LoRA weights "
-                f"({path / ADAPTER_WEIGHTS}) still load with peft"
+                f"({path / LORA_WEIGHTS}) still load with diffusers' load_lora_weights"
             )
         raise FileNotFoundError(f"{path} is not a checkpoint: {path / TRAINER_STATE} is missing")
-    state = _load_tensors(path / ADAPTER_WEIGHTS)
-    lora = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
-    config = _load_json(path / ADAPTER_CONFIG)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
+    lora, config = load_lora(path)
     document = _load_json(path / TRAINER_STATE)
     if not isinstance(document, dict) or document.get("format") != "verl_diffusion_rollout.trainer_state":
         raise ValueError(f"{path / TRAINER_STATE}: not a verl_diffusion_rollout trainer state")
@@ -270,6 +277,62 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not isinstance(trainer_state, dict):
         raise ValueError(f"{path / TRAINER_STATE}: the trainer state must be an object")
     return lora, config, trainer_state
+
+
+def save_lora(
+    folder: str | os.PathLike, lora_state: Mapping[str, torch.Tensor], peft_config: Any, pipeline_class: str
+) -> Path:
+    """Write ``lora_state`` (peft names) with diffusers' ``<pipeline_class>.save_lora_weights`` into ``folder``,
+    the LoRA config in the file's metadata; returns the weights file."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class, None)
+    if cls is None or not hasattr(cls, "save_lora_weights"):
+        raise ValueError(f"diffusers has no pipeline class {pipeline_class!r} with save_lora_weights to save the LoRA")
+    config = peft_config.to_dict() if hasattr(peft_config, "to_dict") else dict(peft_config)
+    metadata = json.loads(json.dumps(_json_ready(config), default=str))  # plain JSON values (sets, enums)
+    layers = {k: v.detach().cpu().contiguous() for k, v in lora_state.items()}
+    cls.save_lora_weights(
+        str(folder), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata, weight_name=LORA_WEIGHTS
+    )
+    return Path(folder) / LORA_WEIGHTS
+
+
+def load_lora(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(lora_state with peft names, LoRA config dict)`` of a checkpoint folder, diffusers' layout
+    (``pytorch_lora_weights.safetensors``) or the older peft one (``adapter_model.safetensors`` +
+    ``adapter_config.json``); errors name the file at fault."""
+    folder = Path(folder)
+    weights = folder / LORA_WEIGHTS
+    if weights.is_file():
+        tensors = _load_tensors(weights)
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights}: not a valid safetensors file ({err})") from err
+        if LORA_METADATA_KEY not in metadata:
+            raise ValueError(f"{weights}: no LoRA config in its metadata (key {LORA_METADATA_KEY!r})")
+        try:
+            packed = json.loads(metadata[LORA_METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{weights}: the LoRA config in its metadata is not valid JSON ({err})") from err
+        if not isinstance(packed, dict):
+            raise ValueError(f"{weights}: the LoRA config in its metadata must be a JSON object")
+        config = {k[len(DIFFUSERS_PREFIX):]: v for k, v in packed.items() if k.startswith(DIFFUSERS_PREFIX)}
+        foreign = sorted(k for k in tensors if not k.startswith(DIFFUSERS_PREFIX))
+        if foreign:
+            raise ValueError(f"{weights}: holds tensors for other components than the transformer, e.g. {foreign[:3]}")
+        return {k[len(DIFFUSERS_PREFIX):]: v for k, v in tensors.items()}, config
+    if (folder / ADAPTER_WEIGHTS).is_file():  # the older peft layout
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise FileNotFoundError(f"{folder} is not a checkpoint: {folder / ADAPTER_CONFIG} is missing")
+        tensors = _load_tensors(folder / ADAPTER_WEIGHTS)
+        config = _load_json(folder / ADAPTER_CONFIG)
+        if not isinstance(config, dict):
+            raise ValueError(f"{folder / ADAPTER_CONFIG}: expected a JSON object, got {type(config).__name__}")
+        return {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items()}, config
+    raise FileNotFoundError(f"{folder} is not a checkpoint: {weights} is missing")
 
 
 def _load_json(file: Path) -> Any:

@@ -15,8 +15,12 @@ from ..config import DiffusionModelConfig, DiffusionRolloutConfig, attention_hea
 from .rewards import check_reward_config
 
 __all__ = [
-    "KL_CONVENTIONS", "ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"
+    "KL_CONVENTIONS", "LOGGER_BACKENDS", "ActorConfig", "DataConfig", "AlgorithmConfig", "RewardConfig", "RunConfig", "FlowGRPOConfig"
 ]
+
+# verl's ``Tracking`` backends that ``trainer.logger`` may name (``verl.utils.tracking.Tracking.supported_backend``
+# without the vendor-only ones).
+LOGGER_BACKENDS: tuple[str, ...] = ("console", "file", "tensorboard", "wandb", "mlflow", "swanlab", "clearml", "trackio")
 
 # How the KL to the reference is scaled (``actor.kl_convention``): FlowGRPO's term, or the exact transition KL.
 KL_CONVENTIONS: tuple[str, ...] = ("flowgrpo", "exact")
@@ -131,11 +135,17 @@ class ActorConfig:
 
 @dataclass
 class DataConfig:
-    """``data``: where prompts come from and how many samples an RL step takes."""
+    """``data``: where prompts come from and how many samples an RL step takes.
+
+    ``val_prompts`` (inline) or ``val_files`` (a file, as ``train_files``): the held-out prompts of the evaluation
+    (verl's ``data.val_files``); none means no evaluation.
+    """
 
     prompts: Optional[list[str]] = None
     train_files: Optional[str] = None
     samples_per_step: int = 32
+    val_prompts: Optional[list[str]] = None
+    val_files: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_int("data.samples_per_step", self.samples_per_step, 1)
@@ -145,22 +155,33 @@ class DataConfig:
         if self.prompts:
             prompts = [str(p) for p in self.prompts]
         elif self.train_files:
-            if not os.path.isfile(self.train_files):
-                raise FileNotFoundError(f"data.train_files {self.train_files!r} does not exist")
-            with open(self.train_files, encoding="utf-8") as f:
-                if self.train_files.endswith(".jsonl"):
-                    prompts = [
-                        _jsonl_prompt(line, self.train_files, number)
-                        for number, line in enumerate(f, start=1)
-                        if line.strip()
-                    ]
-                else:
-                    prompts = [line.strip() for line in f if line.strip()]
+            prompts = _read_prompt_file(self.train_files, "data.train_files")
         else:
             raise ValueError("no prompts: set data.prompts (a list) or data.train_files (.txt or .jsonl)")
         if not prompts:
             raise ValueError("the prompt list is empty")
         return prompts
+
+    def load_val_prompts(self) -> list[str]:
+        """Inline ``val_prompts``, else ``val_files``; ``[]`` when neither is set (no evaluation)."""
+        if self.val_prompts:
+            return [str(p) for p in self.val_prompts]
+        if self.val_files:
+            prompts = _read_prompt_file(self.val_files, "data.val_files")
+            if not prompts:
+                raise ValueError(f"data.val_files {self.val_files!r} holds no prompts")
+            return prompts
+        return []
+
+
+def _read_prompt_file(path: str, key: str) -> list[str]:
+    """The prompts of a ``.txt`` (one per line) or ``.jsonl`` (a ``prompt`` field per line) file named by ``key``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key} {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            return [_jsonl_prompt(line, path, number) for number, line in enumerate(f, start=1) if line.strip()]
+        return [line.strip() for line in f if line.strip()]
 
 
 @dataclass
@@ -196,6 +217,11 @@ class RunConfig:
     ``check_weights_freq``: every that many steps the workers' LoRA checksums are compared (0: never).
     ``max_actor_ckpt_to_keep`` (verl's key): keep this many ``step_*`` checkpoints, the newest (null: all).
     ``dist_timeout_s``: the workers' process-group timeout (a collective whose peer died fails after it).
+    ``logger``: verl's ``Tracking`` backends (:data:`LOGGER_BACKENDS`); ``file`` writes ``metrics.jsonl``,
+    ``tensorboard`` writes ``tensorboard/`` in ``output_dir``; ``project_name`` / ``experiment_name`` name the run.
+    Evaluation (with ``data.val_prompts`` / ``data.val_files``; verl's keys): every ``test_freq`` steps and at the
+    last step (``test_freq <= 0``: never), and before the first step with ``val_before_train``; a grid of the first
+    ``log_val_generations`` images each time.
     """
 
     total_steps: int = 20
@@ -204,7 +230,9 @@ class RunConfig:
     save_freq: int = 10
     plot_freq: int = 5
     resume_from: Optional[str] = None
-    logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    logger: list[str] = field(default_factory=lambda: ["console", "file", "tensorboard"])
+    project_name: str = "verl_diffusion_rollout"
+    experiment_name: str = "flowgrpo"
     progress_bar: bool = True
     nnodes: int = 1
     n_gpus_per_node: int = 1
@@ -212,21 +240,38 @@ class RunConfig:
     check_weights_freq: int = 10
     max_actor_ckpt_to_keep: Optional[int] = None
     dist_timeout_s: int = 600
+    test_freq: int = -1
+    val_before_train: bool = True
+    log_val_generations: int = 16
 
     def __post_init__(self) -> None:
         _check_int("trainer.total_steps", self.total_steps, 1)
         _check_int("trainer.seed", self.seed, 0)
         _check_int("trainer.save_freq", self.save_freq, 0)  # 0: only the final / Ctrl-C checkpoints
         _check_int("trainer.plot_freq", self.plot_freq, 0)  # 0: never
-        unknown = sorted(set(self.logger) - {"console", "jsonl", "tensorboard"})
+        if isinstance(self.logger, str):
+            self.logger = [self.logger]
+        if not isinstance(self.logger, (list, tuple)):
+            raise ValueError(f"trainer.logger must be a list of backend names, got {self.logger!r}")
+        self.logger = [str(b) for b in self.logger]
+        unknown = sorted(set(self.logger) - set(LOGGER_BACKENDS))
         if unknown:
-            raise ValueError(f"unknown trainer.logger entries {unknown}; use console, jsonl, tensorboard")
+            hint = " ('jsonl' is now verl's 'file' backend)" if "jsonl" in unknown else ""
+            raise ValueError(f"unknown trainer.logger entries {unknown}{hint}; verl's Tracking backends: "
+                             f"{list(LOGGER_BACKENDS)}")
+        for name in ("project_name", "experiment_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"trainer.{name} must be a non-empty string, got {getattr(self, name)!r}")
         _check_int("trainer.nnodes", self.nnodes, 1)
         _check_int("trainer.n_gpus_per_node", self.n_gpus_per_node, 1)
         _check_int("trainer.check_weights_freq", self.check_weights_freq, 0)  # 0: never
         if self.max_actor_ckpt_to_keep is not None:
             _check_int("trainer.max_actor_ckpt_to_keep", self.max_actor_ckpt_to_keep, 1)
         _check_int("trainer.dist_timeout_s", self.dist_timeout_s, 1)
+        _check_int("trainer.test_freq", self.test_freq, -1)  # -1 / 0: no periodic evaluation (verl: -1)
+        _check_int("trainer.log_val_generations", self.log_val_generations, 0)
+        if not isinstance(self.val_before_train, bool):
+            raise ValueError(f"trainer.val_before_train must be true or false, got {self.val_before_train!r}")
 
     @property
     def world_size(self) -> int:
@@ -339,6 +384,7 @@ class FlowGRPOConfig:
             )
         actor.micro_batch_size, actor.mini_batch_size = micro, mini
         data.load_prompts()  # fail now on a missing prompt file
+        data.load_val_prompts()
         model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
         if model.lora_rank <= 0:
             raise ValueError(f"actor_rollout_ref.model.lora_rank must be > 0 (FlowGRPO trains a LoRA), got {model.lora_rank}")

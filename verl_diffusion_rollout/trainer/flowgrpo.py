@@ -36,13 +36,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ..engines.base import MAX_SEED
+from ..pipelines import pipeline_class_name
 from ..visualize import save_curves, save_image_grid
 from .advantages import group_advantages
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FlowGRPOConfig
-from .metrics import MetricsLogger
+from .evaluation import Evaluator
+from .metrics import RunLogger
 from .workers import WorkerFailed, make_workers
 
 __all__ = ["FlowGRPOTrainer", "NonFiniteTraining"]
@@ -124,12 +127,15 @@ class FlowGRPOTrainer:
         self.skipped_steps = 0  # discarded updates, in all
         self.skipped_in_a_row = 0
         self._in_update = False  # an update is running on the workers (their state is not a step's)
+        self.evaluator = Evaluator(config, self.out_dir)
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
             raise RuntimeError(f"workers start from different LoRA weights (checksums {sums})")
         if config.trainer.resume_from:
             self._resume(config.trainer.resume_from)
-        self.logger = MetricsLogger(self.out_dir, config.trainer.logger, self.history)
+        run = config.trainer
+        plain = OmegaConf.to_container(config.raw, resolve=True) if config.raw is not None else None
+        self.logger = RunLogger(self.out_dir, run.logger, run.project_name, run.experiment_name, plain, self.history)
 
     # -- public -----------------------------------------------------------------------------------------------------
 
@@ -145,12 +151,12 @@ class FlowGRPOTrainer:
         total = self.config.trainer.total_steps
         bar = tqdm(total=total, initial=self.step, desc="FlowGRPO", disable=not self.config.trainer.progress_bar)
         try:
+            if self.step < total and self.evaluator.due_before_train(self.step):
+                self.logger.log(self.step, self.evaluate())
             while self.step < total:
                 metrics = self.train_step()
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
-                if "console" in self.config.trainer.logger and not self.config.trainer.progress_bar:
-                    print(f"step {self.step}: " + ", ".join(f"{k}={v}" for k, v in self._postfix(metrics).items()))
         except KeyboardInterrupt:
             if self._in_update and not self.workers.rolls_back_interrupted_update:
                 bar.write(f"interrupted inside the update of step {self.step + 1}; nothing saved. "
@@ -274,7 +280,12 @@ class FlowGRPOTrainer:
             images_per_s_per_worker=groups * n / step_s / world,
             skipped_steps=self.skipped_steps,
         )
-        self.history.append({"step": step, **metrics})
+        entry = {"step": step, **metrics}
+        self.history.append(entry)  # before the evaluation: a second Ctrl-C there still leaves a whole history
+        if self.evaluator.due(step):
+            val = self.evaluate(step)
+            metrics.update(val)
+            entry.update(val)
         self.logger.log(step, metrics)
         return metrics
 
@@ -283,6 +294,11 @@ class FlowGRPOTrainer:
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
             raise RuntimeError(f"after step {self.step} the workers' LoRA weights differ: checksums by rank {sums}")
+
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """Score the held-out prompts with the current policy (:class:`~.evaluation.Evaluator`); returns the
+        ``val/`` metrics."""
+        return self.evaluator.run(self.workers, self.step if step is None else step)
 
     # -- stages -----------------------------------------------------------------------------------------------------
 
@@ -325,7 +341,7 @@ class FlowGRPOTrainer:
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint the LoRA (peft format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``.
+        """Checkpoint the LoRA (diffusers' LoRA format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``.
 
         Once per step (a step already saved, or resumed from, is not written again); Ctrl-C waits for the write.
         """
@@ -339,10 +355,12 @@ class FlowGRPOTrainer:
                 "optimizer": state["optimizer"],
                 "history": self.history,
                 "seed": self.config.trainer.seed,
+                "val_history": self.evaluator.history,
                 "skipped_steps": self.skipped_steps,
                 "skipped_in_a_row": self.skipped_in_a_row,
             }
             save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
+                            pipeline_class=pipeline_class_name(self.config.model.local_path),
                             keep=self.config.trainer.max_actor_ckpt_to_keep)
             self.saved_step = self.step
         interrupt.fire()
@@ -353,6 +371,7 @@ class FlowGRPOTrainer:
         self.workers.load_state(lora, state["optimizer"], source=f"checkpoint {path}")
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.evaluator.history = list(state.get("val_history", []))  # checkpoints from before evaluation have none
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
         if Path(path).resolve().parent == (self.out_dir / "checkpoints").resolve() or (

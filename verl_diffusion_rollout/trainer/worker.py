@@ -102,6 +102,10 @@ class FlowGRPOWorker(Worker):
         return self.actor.generate(**request)
 
     @register(dispatch_mode=per_dp_group(), blocking=False)
+    def evaluate(self, request: dict[str, Any]) -> GenerateResult:
+        return self.actor.evaluate(**request)
+
+    @register(dispatch_mode=per_dp_group(), blocking=False)
     def update(self, request: dict[str, Any]) -> UpdateResult:
         plan = [MiniBatchPlan(**p) for p in request["plan"]]
         return self.actor.update(request["advantages"], request["keep"], plan)

@@ -1,6 +1,6 @@
 """The driver's handle on its workers: one in this process, or a verl ``RayWorkerGroup`` of them.
 
-Both expose the same calls, ``generate`` and ``update`` taking one request per data-parallel group and returning
+Both expose the same calls, ``generate``, ``evaluate`` and ``update`` taking one request per data-parallel group and returning
 one result per group (its sequence-parallel rank 0's), and ``state`` (rank 0), ``load_state``, ``checksums`` (one
 per worker), ``close``. A worker that dies raises :class:`WorkerFailed` naming its rank and what it was doing.
 """
@@ -41,6 +41,9 @@ class LocalWorkers:
 
     def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
         return [self.actor.generate(**requests[0])]
+
+    def evaluate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
+        return [self.actor.evaluate(**requests[0])]
 
     def update(self, requests: list[dict[str, Any]]) -> list[UpdateResult]:
         request = requests[0]
@@ -117,6 +120,9 @@ class RayWorkers:
 
     def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
         return dp_leaders(self.group, self._call("generate", self.group.generate(requests)))
+
+    def evaluate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
+        return dp_leaders(self.group, self._call("evaluate", self.group.evaluate(requests)))
 
     def update(self, requests: list[dict[str, Any]]) -> list[UpdateResult]:
         return dp_leaders(self.group, self._call("update", self.group.update(requests)))
