@@ -18,7 +18,9 @@ from verl_diffusion_rollout.trainer.checkpoint import load_checkpoint
 
 from test_trainer import compose_tiny
 
-STEPS = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.check_weights_freq=1"]
+# two mini-batches (optimizer steps) per RL step, the first holding only rank 0's samples
+STEPS = ["trainer.total_steps=3", "trainer.save_freq=1", "trainer.check_weights_freq=1",
+         "actor_rollout_ref.actor.mini_batch_size=4"]
 COMPARED = ("reward_mean", "reward_std", "policy_loss", "approx_kl", "ratio_mean", "grad_norm",
             "logprob_max_abs_diff_pre_update", "trained_samples")
 
@@ -60,29 +62,46 @@ def test_two_workers_equal_one_worker_bit_for_bit(ray_cpu, tiny_model_path, tmp_
     assert all(h["allreduce_s"] > 0 for h in two)
 
 
-def test_a_dead_worker_stops_the_run_naming_it_and_the_checkpoint_to_resume(ray_cpu, tiny_model_path, tmp_path,
-                                                                             one_worker):
+def test_a_rank_killed_inside_update_stops_the_run_naming_it_and_the_checkpoint_to_resume(ray_cpu, tiny_model_path,
+                                                                                          tmp_path, one_worker):
+    """Rank 1 is SIGKILLed inside step 2's update, between the gradient all-reduce of its first mini-batch and its
+    optimizer step, so rank 0 goes on into the second all-reduce without it. The driver (``ray.wait``) fails on rank
+    1 at once, naming it, the phase, the step and the checkpoint to resume from; the resumed run continues the
+    uninterrupted one exactly."""
     ref_dir, ref = one_worker
     out = tmp_path / "two"
     overrides = [*STEPS, "trainer.n_gpus_per_node=2"]
 
-    def kill_rank_one_after_step_one():
+    def die_at_the_next_optimizer_step(worker):  # runs inside the rank-1 actor (between two of its calls)
+        import os
+        import signal
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        def kill(optimizer, args, kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        register_optimizer_step_pre_hook(kill)
+
+    def arm_rank_one_after_step_one():
         marker = out / "checkpoints" / "step_000001" / "pytorch_lora_weights.safetensors"
         deadline = time.monotonic() + 600
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         workers = [a for a in ray.util.list_named_actors(all_namespaces=True) if "FlowGRPOWorker" in a["name"]]
         victim = next(a for a in workers if a["name"].endswith("_0:1"))
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+        ray.get_actor(victim["name"], namespace=victim["namespace"]).__ray_call__.remote(die_at_the_next_optimizer_step)
 
-    killer = threading.Thread(target=kill_rank_one_after_step_one, daemon=True)
+    killer = threading.Thread(target=arm_rank_one_after_step_one, daemon=True)
     killer.start()
+    start = time.monotonic()
     with pytest.raises(RuntimeError) as failure:
         run(compose_tiny(tiny_model_path, out, *overrides))
     killer.join(timeout=60)
     message = str(failure.value)
-    assert "worker 1 failed" in message and "at step 2" in message
+    assert "worker 1 failed during update" in message and "at step 2" in message, message
     assert f"trainer.resume_from={out / 'checkpoints' / 'step_000001'}" in message
+    assert time.monotonic() - start < 600  # failed on the dead rank, not on a collective timeout of rank 0
 
     resumed = run(compose_tiny(tiny_model_path, tmp_path / "resumed", *overrides,
                                f"trainer.resume_from={out / 'checkpoints' / 'step_000001'}"))

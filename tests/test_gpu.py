@@ -365,3 +365,33 @@ def test_cuda_sequence_parallel_over_nccl(tiny_model_path, tiny_sd3_model_path, 
         print(f"{family} {dtype} compile={compile}: SP=2 vs SP=1 max |log-prob diff| = {diff_lp:.3g}, "
               f"max |latent diff| = {diff_x:.3g}")
         assert diff_lp <= (1e-5 if dtype == "float32" else 1e-2)
+
+
+# -- workers take the GPU verl's Worker assigns -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (one worker per GPU)")
+@pytest.mark.parametrize("noset", [False, True], ids=["ray-sets-visible-devices", "noset-visible-devices"])
+def test_cuda_workers_land_on_distinct_gpus(tiny_model_path, tmp_path, noset):
+    """Two workers on two GPUs, with Ray setting ``CUDA_VISIBLE_DEVICES`` per worker and with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`` (every worker sees both GPUs; verl's ``Worker`` picks
+    ``LOCAL_RANK``): each lands on its own physical GPU, and a step trains to identical weights on both."""
+    import ray
+
+    env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if noset else {}
+    ray.init(num_gpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        cfg = compose_tiny(tiny_model_path, tmp_path / "run", *_cuda_overrides("float32"), "trainer.total_steps=1",
+                           "trainer.n_gpus_per_node=2", "trainer.check_weights_freq=1")
+        with _flowgrpo_trainer(cfg) as trainer:
+            trainer.fit()
+            placements = trainer.workers.placements
+        physical = []
+        for p in placements:
+            index = torch.device(p["device"]).index or 0
+            visible = [v for v in p["visible_devices"].split(",") if v]
+            physical.append(visible[index] if visible else str(index))
+        print(placements)
+        assert len(set(physical)) == 2, placements
+    finally:
+        ray.shutdown()

@@ -55,7 +55,7 @@ class DiffusionServer:
         check_bind(config.server_host, api_key, config.server_allow_unauthenticated)  # before loading the model
         self.config = config
         self.replica_rank = replica_rank
-        self.engine = build_engine(config, model_path)
+        self.engine = build_engine(config, model_path, replica_rank=replica_rank)
         self._http, self._address = serve_in_thread(
             self.engine,
             config.server_host,

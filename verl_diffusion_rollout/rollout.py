@@ -32,6 +32,7 @@ from verl.workers.rollout.base import BaseRollout
 from .config import DiffusionModelConfig, DiffusionRolloutConfig, DiffusionSamplingConfig
 from .contract import RolloutBatch
 from .engines import DiffusionEngine, get_engine_class
+from .engines.base import fallback_seed
 from .parallel import SequenceParallel
 
 __all__ = ["DiffusionRollout", "to_data_proto", "from_data_proto", "build_engine"]
@@ -50,10 +51,15 @@ def _as_model_config(model_config: Any) -> Any:
 
 
 def build_engine(
-    config: DiffusionRolloutConfig, model_path: str, sequence_parallel: SequenceParallel | None = None
+    config: DiffusionRolloutConfig,
+    model_path: str,
+    sequence_parallel: SequenceParallel | None = None,
+    replica_rank: int = 0,
+    dp_rank: int = 0,
 ) -> DiffusionEngine:
     """The engine ``config.engine`` names, loaded from ``model_path``; ``sequence_parallel``: the group its
-    transformer forwards are split over (the ``diffusers`` engine only)."""
+    transformer forwards are split over (the ``diffusers`` engine only). ``replica_rank`` and ``dp_rank`` are folded
+    into the seed of its fallback seeds (:func:`~verl_diffusion_rollout.engines.base.fallback_seed`)."""
     engine_cls = get_engine_class(config.engine)
     extra = {}
     if sequence_parallel is not None and sequence_parallel.size > 1:
@@ -67,7 +73,7 @@ def build_engine(
         model_path,
         device=config.device,
         dtype=config.dtype,
-        seed=config.seed,
+        seed=fallback_seed(config.seed, replica_rank, dp_rank),
         lora=config.lora,
         progress_bar=config.progress_bar,
         compile=config.compile,
@@ -134,8 +140,12 @@ class DiffusionRollout(BaseRollout):
             )
         self.replica_rank = replica_rank
         self.is_leader_rank = True
+        dp_rank = 0
+        if device_mesh is not None and "dp" in (getattr(device_mesh, "mesh_dim_names", None) or ()):
+            dp_rank = device_mesh["dp"].get_local_rank()  # the ranks of one sp group share it, and so their seeds
         self.engine = engine if engine is not None else build_engine(
-            self.config, self.model_config.local_path, SequenceParallel.from_mesh(device_mesh)
+            self.config, self.model_config.local_path, SequenceParallel.from_mesh(device_mesh),
+            replica_rank=replica_rank, dp_rank=dp_rank,
         )
 
     @property

@@ -23,10 +23,26 @@ __all__ = [
     "expand_group_request",
     "ReadWriteLock",
     "check_finite_batch",
+    "fallback_seed",
     "MAX_SEED",
 ]
 
 MAX_SEED = 2**31 - 1  # seeds stay exact in JSON and fit every generator
+
+
+def fallback_seed(seed: int, replica_rank: int = 0, dp_rank: int = 0) -> int:
+    """The seed of an engine's generator of fallback seeds (used only for requests that bring none).
+
+    ``seed`` itself on replica 0 / data-parallel rank 0; elsewhere a hash of ``(seed, replica_rank, dp_rank)``, so
+    replicas serving unseeded requests draw different samples (a GRPO group split over them keeps its variance).
+    Seeds that requests give are never changed.
+    """
+    if replica_rank == 0 and dp_rank == 0:
+        return int(seed)
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}/{int(replica_rank)}/{int(dp_rank)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (MAX_SEED + 1)
 
 
 @dataclass

@@ -89,6 +89,7 @@ class UpdateResult:
     old_log_probs_recomputed: int = 0  # 1 when the gap guard replaced this step's old log-probs by a replay
     seconds: dict[str, float] = field(default_factory=dict)
     weight_version: int = 0
+    skipped: str | None = None  # why the update was discarded (non-finite loss, gradient or LoRA), else None
 
 
 class FlowGRPOActor:
@@ -270,7 +271,10 @@ class FlowGRPOActor:
         guarded: dict[int, dict[int, torch.Tensor]] = {}  # old log-probs of the first mini-batch, gap-corrected
         pre_update = True  # no optimizer step yet: the policy is the rollout's
         allreduce_s = switch_s = 0.0
-        with self.engine.modify_weights():
+        bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+        # All or nothing: a non-finite step, an error or an interrupt puts the LoRA and the optimizer back as they were.
+        transaction = _UpdateTransaction(self)
+        with transaction, self.engine.modify_weights():
             for epoch in range(cfg.ppo_epochs):
                 for m, mini in enumerate(plan):
                     if not mini.kept:
@@ -305,6 +309,7 @@ class FlowGRPOActor:
                             loss = flowgrpo_step_loss(out.log_prob, old_lp, adv, cfg.clip_range, kl=kl,
                                                       beta=cfg.kl_beta, sample_weight=sample_weight)
                             loss.loss.backward()
+                            bad_loss |= ~torch.isfinite(loss.loss.detach())
                             with torch.no_grad():
                                 ratio = loss.ratio
                                 surrogate = torch.maximum(
@@ -329,6 +334,8 @@ class FlowGRPOActor:
                         old = {**self._recompute_old_log_probs(steps, replayer_for, rest), **guarded}
                         result.old_log_probs_recomputed = 1
                     pre_update = False
+                    if bool(bad_loss):  # every worker sees it in the summed gradient, and all skip together
+                        self._grad_acc.fill_(float("nan"))
                     t0 = time.perf_counter()
                     if self.all_reduce is not None:
                         self.all_reduce(self._grad_acc)
@@ -336,12 +343,21 @@ class FlowGRPOActor:
                     for p, acc in zip(self.policy.params, self._grad_views):
                         p.grad = acc.view_as(p).to(p.dtype)
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(self.policy.params, cfg.max_grad_norm))
+                    if not bool(torch.isfinite(grad_norms[-1])):
+                        what = "loss" if bool(bad_loss) else "gradient"
+                        raise _SkipUpdate(f"non-finite {what} (grad norm {float(grad_norms[-1])}) in mini-batch {m}")
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self._grad_acc.zero_()
                     t0 = time.perf_counter()
                     self.policy.refresh()
                     switch_s += time.perf_counter() - t0
+                    bad = first_nonfinite(self.policy)
+                    if bad is not None:
+                        raise _SkipUpdate(f"non-finite updated LoRA ({bad}) after mini-batch {m}")
+        if transaction.skipped is not None:
+            logger.warning("update discarded, weights and optimizer unchanged: %s", transaction.skipped)
+            result.skipped, grad_norms = transaction.skipped, []
         values = torch.stack([*sums.values(), max_diff.double(), *[g.double() for g in grad_norms]]).tolist()
         result.sums = dict(zip(sums, values[: len(sums)]))
         result.count = count
@@ -393,6 +409,74 @@ class FlowGRPOActor:
 
     def close(self) -> None:
         self.reward.close()
+
+
+class _SkipUpdate(Exception):
+    """Raised inside an update whose step would put a non-finite value into the weights."""
+
+
+class _UpdateTransaction:
+    """Snapshot the LoRA and the optimizer state on entry; restore both if the block raises.
+
+    A :class:`_SkipUpdate` is swallowed (its message kept in :attr:`skipped`); anything else (an error, a
+    ``KeyboardInterrupt``) propagates after the restore, so the actor never holds a half-applied step.
+    """
+
+    def __init__(self, actor: FlowGRPOActor):
+        self.actor = actor
+        self.skipped: str | None = None
+
+    def __enter__(self) -> _UpdateTransaction:
+        # On the host: the copy (LoRA + AdamW moments) costs no accelerator memory, and one transfer per RL step.
+        policy, optimizer = self.actor.policy, self.actor.optimizer
+        self._params = [p.detach().to("cpu", copy=True) for p in policy.params]
+        self._optimizer = _clone_to_cpu(optimizer.state_dict())
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if error is None:
+            return False
+        actor = self.actor
+        with torch.no_grad(), actor.engine.modify_weights():
+            for p, saved in zip(actor.policy.params, self._params):
+                p.copy_(saved)  # in place: the optimizer and the merged layers keep referring to these tensors
+                p.grad = None
+            actor.optimizer.load_state_dict(self._optimizer)
+            actor._grad_acc.zero_()
+            actor.policy.refresh()
+        if isinstance(error, _SkipUpdate):
+            self.skipped = str(error)
+            return True
+        return False
+
+
+def first_nonfinite(policy: SharedPolicy) -> str | None:
+    """The name of the first LoRA parameter, or merged weight, holding NaN/Inf; ``None`` when all are finite.
+
+    Unmerged (peft layers), each layer's ``scale * B @ A`` is checked: a LoRA of finite but huge entries whose
+    product overflows is caught here rather than in the next rollout.
+    """
+    named: list[tuple[str, torch.Tensor]] = list(policy.named_params.items())
+    for name, layer in policy.layers.items():
+        merged = getattr(layer, "merged_weight", None)
+        if policy.merged and merged is not None:
+            named.append((f"{name} (merged weight)", merged))
+        else:
+            named += [(f"{name} (scale * B @ A)", layer.get_delta_weight(a)) for a in layer.active_adapters]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):  # one device sync
+        return None
+    return named[int((~finite).nonzero()[0])][0]
+
+
+def _clone_to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _clone_to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_to_cpu(v) for v in value)
+    return value
 
 
 def _to_cpu(value: Any) -> Any:

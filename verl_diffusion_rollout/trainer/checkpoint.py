@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "checkpoint_steps",
+    "prune_checkpoints",
     "check_lora_keys",
     "encode_state",
     "decode_state",
@@ -50,6 +53,8 @@ TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_state.safetensors"
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
+TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"
+_STEP_DIR = re.compile(r"step_(\d+)")
 FORMAT_VERSION = 1
 
 # Tags of the JSON encoding: an object with exactly one of these keys stands for a value JSON has no type for.
@@ -149,9 +154,15 @@ def save_checkpoint(
     peft_config: Any,
     trainer_state: dict[str, Any],
     pipeline_class: str = "QwenImagePipeline",
+    keep: int | None = None,
 ) -> str:
-    """Write the checkpoint to ``path`` (via a temporary folder renamed into place, so a crash or Ctrl-C
-    never leaves a half-written checkpoint behind) and point the folder's ``latest`` marker at it.
+    """Write the checkpoint to ``path`` atomically and point the folder's ``latest`` marker at it.
+
+    The files go to ``<path>.tmp``, are fsynced, and the folder is renamed into place (an existing ``path`` is moved
+    aside first and removed only once the new one is in place); then ``latest`` is replaced the same way. A crash or
+    a kill at any moment leaves ``latest`` naming a complete checkpoint (the new one or the previous one).
+    ``keep``: keep this many ``step_*`` folders, removing the oldest (never the one ``latest`` names); ``None``
+    keeps all.
 
     ``lora_state``: peft names (``get_peft_model_state_dict``); ``pipeline_class``: the diffusers pipeline class
     of the model (``model_index.json``'s ``_class_name``), whose ``save_lora_weights`` writes the LoRA.
@@ -159,9 +170,11 @@ def save_checkpoint(
     ``trainer_state``: ``step``, ``seed``, ``history``, ``optimizer`` (a torch ``state_dict()``) and any other
     JSON-able values or tensors; :func:`load_checkpoint` returns an equal structure (tensors bit-identical).
     """
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"trainer.max_actor_ckpt_to_keep must be an int >= 1 or null, got {keep!r}")
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    if tmp.exists():  # left by a crash during an earlier write
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_lora(tmp, lora_state, peft_config, pipeline_class)
@@ -170,13 +183,66 @@ def save_checkpoint(
     save_file(tensors, tmp / TRAINER_TENSORS)
     document = {"format": "verl_diffusion_rollout.trainer_state", "version": FORMAT_VERSION, "state": structure}
     (tmp / TRAINER_STATE).write_text(json.dumps(document, indent=1, allow_nan=False))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    marker_tmp = path.parent / (LATEST + ".tmp")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    _replace_dir(tmp, path)
+    marker_tmp = path.parent / (LATEST + TMP_SUFFIX)
     marker_tmp.write_text(path.name)
+    _fsync(marker_tmp)
     os.replace(marker_tmp, path.parent / LATEST)
+    _fsync(path.parent)
+    if keep is not None:
+        prune_checkpoints(path.parent, keep)
     return str(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename folder ``src`` to ``dst``; an existing ``dst`` is renamed aside first and deleted only afterwards."""
+    aside = dst.with_name(dst.name + OLD_SUFFIX)
+    if aside.exists():
+        shutil.rmtree(aside)
+    if dst.exists():
+        os.replace(dst, aside)
+    os.replace(src, dst)
+    _fsync(dst.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def checkpoint_steps(checkpoints_dir: str | os.PathLike) -> dict[int, Path]:
+    """The complete-looking ``step_<N>`` folders of a checkpoints folder, by step (temporary folders excluded)."""
+    found = {}
+    for entry in Path(checkpoints_dir).glob("step_*"):
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found[int(match.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def prune_checkpoints(checkpoints_dir: str | os.PathLike, keep: int) -> list[str]:
+    """Remove the oldest ``step_*`` folders beyond the newest ``keep``; the one ``latest`` names always stays.
+    Returns the removed paths."""
+    checkpoints_dir = Path(checkpoints_dir)
+    latest = latest_checkpoint(checkpoints_dir)
+    steps = checkpoint_steps(checkpoints_dir)
+    removed = []
+    for step in list(steps)[: max(0, len(steps) - keep)]:
+        folder = steps[step]
+        if latest is not None and Path(latest).name == folder.name:
+            continue
+        shutil.rmtree(folder)
+        removed.append(str(folder))
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -82,6 +82,8 @@ class ActorConfig:
     ``ulysses_sequence_parallel_size`` (verl's key; the rollout follows it): S workers share every transformer
     forward, each holding 1/S of the text and image tokens and H/S of the attention heads (Ulysses); it divides the
     worker count and the transformer's heads. The workers form ``world / S`` data-parallel groups of S.
+    ``max_skipped_steps``: an update whose loss, gradient or updated LoRA is not finite is discarded (the weights and
+    the optimizer stay as they were) and counted in ``skipped_steps``; this many in a row stop the run.
     """
 
     lr: float = 3e-4
@@ -99,6 +101,7 @@ class ActorConfig:
     gradient_checkpointing: bool = False
     recompute_old_log_probs: bool = False
     ulysses_sequence_parallel_size: int = 1
+    max_skipped_steps: int = 3
 
     def __post_init__(self) -> None:
         key = "actor_rollout_ref.actor."
@@ -122,6 +125,7 @@ class ActorConfig:
             raise ValueError(f"{key}kl_convention must be one of {list(KL_CONVENTIONS)}, got {self.kl_convention!r}")
         _check_int(f"{key}ppo_epochs", self.ppo_epochs, 1)
         _check_int(f"{key}ulysses_sequence_parallel_size", self.ulysses_sequence_parallel_size, 1)
+        _check_int(f"{key}max_skipped_steps", self.max_skipped_steps, 1)
         for name in ("mini_batch_size", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(f"{key}{name}", getattr(self, name), 1)
@@ -211,6 +215,8 @@ class RunConfig:
     (``actor_rollout_ref.rollout.device=cpu``) ``n_gpus_per_node`` counts CPU worker processes.
     ``ray_address``: an existing Ray cluster to join (also ``RAY_ADDRESS``); none starts a local one.
     ``check_weights_freq``: every that many steps the workers' LoRA checksums are compared (0: never).
+    ``max_actor_ckpt_to_keep`` (verl's key): keep this many ``step_*`` checkpoints, the newest (null: all).
+    ``dist_timeout_s``: the workers' process-group timeout (a collective whose peer died fails after it).
     ``logger``: verl's ``Tracking`` backends (:data:`LOGGER_BACKENDS`); ``file`` writes ``metrics.jsonl``,
     ``tensorboard`` writes ``tensorboard/`` in ``output_dir``; ``project_name`` / ``experiment_name`` name the run.
     Evaluation (with ``data.val_prompts`` / ``data.val_files``; verl's keys): every ``test_freq`` steps and at the
@@ -235,6 +241,8 @@ class RunConfig:
     n_gpus_per_node: int = 1
     ray_address: Optional[str] = None
     check_weights_freq: int = 10
+    max_actor_ckpt_to_keep: Optional[int] = None
+    dist_timeout_s: int = 600
     test_freq: int = -1
     val_before_train: bool = True
     log_val_generations: int = 16
@@ -261,6 +269,9 @@ class RunConfig:
         _check_int("trainer.nnodes", self.nnodes, 1)
         _check_int("trainer.n_gpus_per_node", self.n_gpus_per_node, 1)
         _check_int("trainer.check_weights_freq", self.check_weights_freq, 0)  # 0: never
+        if self.max_actor_ckpt_to_keep is not None:
+            _check_int("trainer.max_actor_ckpt_to_keep", self.max_actor_ckpt_to_keep, 1)
+        _check_int("trainer.dist_timeout_s", self.dist_timeout_s, 1)
         _check_int("trainer.test_freq", self.test_freq, -1)  # -1 / 0: no periodic evaluation (verl: -1)
         _check_int("trainer.log_val_generations", self.log_val_generations, 0)
         if not isinstance(self.val_before_train, bool):

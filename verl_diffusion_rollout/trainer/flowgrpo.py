@@ -16,11 +16,20 @@ One RL step:
 
 With one worker everything runs in this process; with more, the workers are verl single-controller workers on Ray
 (:mod:`verl_diffusion_rollout.trainer.worker`).
+
+Faults. A step is applied exactly once whatever stops the run: checkpoints are written only between steps, from the
+state after a whole step, each step once, atomically (:func:`~.checkpoint.save_checkpoint`). Ctrl-C during an
+update lets the update finish and saves that step; a second Ctrl-C aborts it (one worker: the update is rolled
+back and the step before is saved under its own name; on Ray nothing is saved, the last checkpoint stands). Ctrl-C
+anywhere else saves the last finished step. An update with a non-finite loss, gradient or LoRA is discarded
+(``skipped_steps``); ``actor.max_skipped_steps`` in a row stop the run.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,11 +49,59 @@ from .evaluation import Evaluator
 from .metrics import RunLogger
 from .workers import WorkerFailed, make_workers
 
-__all__ = ["FlowGRPOTrainer"]
+__all__ = ["FlowGRPOTrainer", "NonFiniteTraining"]
 
 logger = logging.getLogger(__name__)
 
 GRID_IMAGES = 16
+
+
+class NonFiniteTraining(RuntimeError):
+    """``actor.max_skipped_steps`` updates in a row were discarded for non-finite values."""
+
+
+class _DeferredInterrupt:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the caller reaches a safe point.
+
+    The first SIGINT is recorded (:attr:`pending`) and the block runs on; :meth:`fire` then delivers it to the
+    handler that was installed before. A second SIGINT inside the block is delivered at once. Outside the main
+    thread, or when SIGINT is ignored, nothing is deferred.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.pending = False
+        self._previous = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:  # pressed again: stop now
+            self._restore()
+            self._previous(signum, frame)
+            return
+        self.pending = True
+        logger.warning("Ctrl-C: finishing the %s first (press Ctrl-C again to abort it)", self.what)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc) -> bool:
+        self._restore()
+        return False
+
+    def fire(self) -> None:
+        """Deliver the held SIGINT (normally: raise ``KeyboardInterrupt``)."""
+        if self.pending and self._previous is not None:
+            self.pending = False
+            self._previous(signal.SIGINT, None)
 
 
 class FlowGRPOTrainer:
@@ -69,6 +126,10 @@ class FlowGRPOTrainer:
         self.dp_size = config.dp_size  # requests and results: one per data-parallel group
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.saved_step: int | None = None  # the step the last checkpoint written (or resumed from) holds
+        self.skipped_steps = 0  # discarded updates, in all
+        self.skipped_in_a_row = 0
+        self._in_update = False  # an update is running on the workers (their state is not a step's)
         self.evaluator = Evaluator(config, self.out_dir)
         sums = self.workers.checksums()
         if len(set(sums)) != 1:
@@ -84,9 +145,9 @@ class FlowGRPOTrainer:
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``trainer.total_steps``; returns the metrics history.
 
-        Ctrl-C saves a checkpoint of the state reached before re-raising (interrupted inside an update, the saved
-        LoRA has that step's partial update). A worker that dies stops the run with an error naming it and the last
-        checkpoint to resume from.
+        Ctrl-C saves a checkpoint of the last finished step (once) before re-raising; inside an update it lets the
+        update finish first (see the module docstring). A worker that dies stops the run with an error naming it,
+        the phase, the step and the checkpoint to resume from.
         """
         from tqdm.auto import tqdm
 
@@ -100,18 +161,27 @@ class FlowGRPOTrainer:
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
         except KeyboardInterrupt:
-            path = self.save()
-            bar.write(f"interrupted at step {self.step}; checkpoint saved to {path}")
+            if self._in_update and not self.workers.rolls_back_interrupted_update:
+                bar.write(f"interrupted inside the update of step {self.step + 1}; nothing saved. "
+                          f"{self._resume_hint()}")
+            else:
+                self._in_update = False
+                path = self.save()
+                bar.write(f"interrupted after step {self.step}; checkpoint {path}")
             raise
         except WorkerFailed as err:
-            last = latest_checkpoint(self.out_dir / "checkpoints")
-            hint = f"resume with trainer.resume_from={last}" if last else "no checkpoint was saved yet"
-            raise RuntimeError(f"{err} (at step {self.step + 1}); last good checkpoint: {last}; {hint}") from err
+            raise RuntimeError(f"{err} (at step {self.step + 1}); {self._resume_hint()}") from err
         finally:
             bar.close()
         self.save()
         self.plot()
         return self.history
+
+    def _resume_hint(self) -> str:
+        last = latest_checkpoint(self.out_dir / "checkpoints")
+        if last is None:
+            return "last good checkpoint: None; no checkpoint was saved yet"
+        return f"last good checkpoint: {last}; resume with trainer.resume_from={last}"
 
     def train_step(self) -> dict[str, Any]:
         """One RL step (rollout -> rewards -> advantages -> update); returns its metrics."""
@@ -153,11 +223,41 @@ class FlowGRPOTrainer:
             drop_equal_groups=cfg.algorithm.drop_equal_groups,
         )
 
-        update_start = time.perf_counter()
-        updates = self.workers.update(self._update_requests(owned, adv.advantages, adv.keep))
-        train_s = time.perf_counter() - update_start
+        # The update and its commit (the step counter, the history) are one unit for Ctrl-C.
+        with _DeferredInterrupt(f"update of step {step}") as interrupt:
+            update_start = time.perf_counter()
+            self._in_update = True
+            updates = self.workers.update(self._update_requests(owned, adv.advantages, adv.keep))
+            train_s = time.perf_counter() - update_start
+            metrics = self._commit(step, updates, rewards, parts, adv, start, rollout_s, train_s, results, groups)
+        interrupt.fire()
+        if plot:
+            self._plot_samples(results, owned, rewards, prompts)
+        if cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0:
+            self.save()
+        if world > 1 and cfg.trainer.check_weights_freq and step % cfg.trainer.check_weights_freq == 0:
+            self.check_weights()
+        if self.skipped_in_a_row >= cfg.actor.max_skipped_steps:
+            raise NonFiniteTraining(
+                f"{self.skipped_in_a_row} updates in a row were discarded (actor_rollout_ref.actor.max_skipped_steps="
+                f"{cfg.actor.max_skipped_steps}); the last, at step {step}: {updates[0].skipped}. The weights are "
+                f"those of the last good update; lower actor_rollout_ref.actor.lr or check the rewards; "
+                f"{self._resume_hint()}"
+            )
+        return metrics
 
+    def _commit(self, step, updates, rewards, parts, adv, start, rollout_s, train_s, results, groups) -> dict[str, Any]:
+        """Record a finished step: the step counter, skipped-update bookkeeping, metrics and history."""
+        cfg, n, world = self.config, self.config.group_size, self.world_size
         self.step = step
+        self._in_update = False
+        skipped = updates[0].skipped
+        if skipped is not None:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            logger.warning("step %d: update skipped (%d in a row): %s", step, self.skipped_in_a_row, skipped)
+        else:
+            self.skipped_in_a_row = 0
         step_s = time.perf_counter() - start
         count = sum(u.count for u in updates)
         metrics: dict[str, Any] = {
@@ -167,7 +267,7 @@ class FlowGRPOTrainer:
             "zero_std_groups": adv.zero_std_fraction,
             "trained_samples": int(adv.keep.sum()),
         }
-        if count:
+        if count and skipped is None:
             for key in ("policy_loss", "clipfrac", "approx_kl", "kl", "ratio"):
                 metrics["ratio_mean" if key == "ratio" else key] = sum(u.sums[key] for u in updates) / count
             metrics["grad_norm"] = float(np.mean(updates[0].grad_norms))
@@ -182,17 +282,15 @@ class FlowGRPOTrainer:
             allreduce_s=float(np.mean([u.seconds.get("allreduce_s", 0.0) for u in updates])),
             step_s=step_s,
             images_per_s_per_worker=groups * n / step_s / world,
+            skipped_steps=self.skipped_steps,
         )
+        entry = {"step": step, **metrics}
+        self.history.append(entry)  # before the evaluation: a second Ctrl-C there still leaves a whole history
         if self.evaluator.due(step):
-            metrics.update(self.evaluate(step))
-        self.history.append({"step": step, **metrics})
+            val = self.evaluate(step)
+            metrics.update(val)
+            entry.update(val)
         self.logger.log(step, metrics)
-        if plot:
-            self._plot_samples(results, owned, rewards, prompts)
-        if cfg.trainer.save_freq and step % cfg.trainer.save_freq == 0:
-            self.save()
-        if world > 1 and cfg.trainer.check_weights_freq and step % cfg.trainer.check_weights_freq == 0:
-            self.check_weights()
         return metrics
 
     def check_weights(self) -> None:
@@ -247,18 +345,30 @@ class FlowGRPOTrainer:
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
     def save(self) -> str:
-        """Checkpoint the LoRA (diffusers' LoRA format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``."""
-        state = self.workers.state()
-        trainer_state = {
-            "step": self.step,
-            "optimizer": state["optimizer"],
-            "history": self.history,
-            "seed": self.config.trainer.seed,
-            "val_history": self.evaluator.history,
-        }
+        """Checkpoint the LoRA (diffusers' LoRA format), the optimizer and the metrics under ``checkpoints/step_XXXXXX``.
+
+        Once per step (a step already saved, or resumed from, is not written again); Ctrl-C waits for the write.
+        """
         path = self.out_dir / "checkpoints" / f"step_{self.step:06d}"
-        return save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
-                               pipeline_class=pipeline_class_name(self.config.model.local_path))
+        if self.saved_step == self.step:
+            return str(path)
+        with _DeferredInterrupt(f"checkpoint of step {self.step}") as interrupt:
+            state = self.workers.state()
+            trainer_state = {
+                "step": self.step,
+                "optimizer": state["optimizer"],
+                "history": self.history,
+                "seed": self.config.trainer.seed,
+                "val_history": self.evaluator.history,
+                "skipped_steps": self.skipped_steps,
+                "skipped_in_a_row": self.skipped_in_a_row,
+            }
+            save_checkpoint(path, state["lora"], self.peft_config, trainer_state,
+                            pipeline_class=pipeline_class_name(self.config.model.local_path),
+                            keep=self.config.trainer.max_actor_ckpt_to_keep)
+            self.saved_step = self.step
+        interrupt.fire()
+        return str(path)
 
     def _resume(self, path: str) -> None:
         lora, _, state = load_checkpoint(path)
@@ -266,6 +376,12 @@ class FlowGRPOTrainer:
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.evaluator.history = list(state.get("val_history", []))  # checkpoints from before evaluation have none
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        if Path(path).resolve().parent == (self.out_dir / "checkpoints").resolve() or (
+            Path(path).resolve() == (self.out_dir / "checkpoints").resolve()
+        ):
+            self.saved_step = self.step  # this step's checkpoint is already in this run's folder
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- outputs ------------------------------------------------------------------------------------------------------

@@ -406,6 +406,10 @@ class WeightedReward:
             value = torch.as_tensor(fn(images, prompts), dtype=torch.float32).flatten()
             if value.shape != (images.shape[0],):
                 raise ValueError(f"reward {name!r} returned shape {tuple(value.shape)} for {images.shape[0]} images")
+            bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"reward {name!r} returned NaN/Inf for {len(bad)} of {images.shape[0]} images "
+                                 f"(first at index {bad[0]}: {float(value[bad[0]])})")
             parts[name] = value
         total = sum(self.weights[name] * value for name, value in parts.items())
         return total, parts

@@ -43,7 +43,14 @@ class FlowGRPOWorker(Worker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self) -> dict[str, Any]:
-        """Join the process group and build the actor; returns where it landed."""
+        """Join the process group and build the actor; returns where it landed.
+
+        The GPU is the one verl's ``Worker`` assigned (``get_device_id()``: the only visible one when Ray sets
+        ``CUDA_VISIBLE_DEVICES``, ``LOCAL_RANK`` under ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``). The process
+        group times out after ``trainer.dist_timeout_s``, so a collective whose peer died fails instead of hanging.
+        """
+        from datetime import timedelta
+
         import torch.distributed as dist
 
         from ..compile_cache import use_compile_cache
@@ -53,8 +60,12 @@ class FlowGRPOWorker(Worker):
         on_gpu = str(self.config.rollout.device or "").startswith("cuda") or (
             self.config.rollout.device is None and torch.cuda.is_available()
         )
+        device_index = None
         if on_gpu:
-            torch.cuda.set_device(0)  # Ray shows each worker its own GPU as cuda:0
+            from verl.utils.device import get_device_id
+
+            device_index = get_device_id()
+            torch.cuda.set_device(device_index)  # this thread's current device: "cuda" now means it
         elif self.cpu_threads:
             # CPU kernels split their work by thread count, and so round differently: every worker uses the
             # driver's count, so results do not depend on how many workers share the samples.
@@ -64,7 +75,8 @@ class FlowGRPOWorker(Worker):
                 backend="nccl" if on_gpu else "gloo",
                 rank=self.rank,
                 world_size=self.world_size,
-                device_id=torch.device("cuda", 0) if on_gpu else None,
+                device_id=torch.device("cuda", device_index) if on_gpu else None,
+                timeout=timedelta(seconds=self.config.trainer.dist_timeout_s),
             )
         sp = self.config.actor.ulysses_sequence_parallel_size
         mesh, dp_rank, leader = None, self.rank, True

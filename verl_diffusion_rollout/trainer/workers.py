@@ -25,7 +25,7 @@ class WorkerFailed(RuntimeError):
     """A worker died or raised; ``rank`` and ``phase`` say which and when."""
 
     def __init__(self, rank: int, phase: str, cause: BaseException):
-        super().__init__(f"worker {rank} failed during {phase}: {type(cause).__name__}: {cause}")
+        super().__init__(f"worker {rank} failed during {phase}: {type(cause).__name__}: {str(cause)[:2000]}")
         self.rank, self.phase, self.cause = rank, phase, cause
 
 
@@ -33,6 +33,7 @@ class LocalWorkers:
     """``trainer.nnodes * trainer.n_gpus_per_node == 1``: the one worker is an actor in this process (no Ray)."""
 
     world_size = 1
+    rolls_back_interrupted_update = True  # an interrupt inside the update restores the state before it (same process)
 
     def __init__(self, config: FlowGRPOConfig):
         self.actor = FlowGRPOActor(config)
@@ -67,7 +68,11 @@ class RayWorkers:
     ``RayWorkerGroup`` over a verl ``RayResourcePool`` (one bundle, and one process, per device).
 
     Joins the Ray cluster at ``trainer.ray_address`` (or ``RAY_ADDRESS``) when given, else starts a local one.
+    Results are awaited with ``ray.wait`` in completion order, so the first worker to fail is the one named, even
+    while the others are blocked in a collective with it.
     """
+
+    rolls_back_interrupted_update = False  # the workers run on: an abandoned update may still complete
 
     def __init__(self, config: FlowGRPOConfig):
         import ray
@@ -87,6 +92,7 @@ class RayWorkers:
             max_colocate_count=1,
         )
         self.pool = pool
+        self.failed = False  # after a failure the others may be stuck in a collective: close kills, never waits
         # CPU workers compute with the driver's intra-op thread count (see FlowGRPOWorker.init_model).
         worker_cls = RayClassWithInitArgs(cls=ray.remote(FlowGRPOWorker), config=config,
                                           cpu_threads=None if use_gpu else torch.get_num_threads())
@@ -96,16 +102,21 @@ class RayWorkers:
         logger.info("FlowGRPO workers: %s", self.placements)
 
     def _call(self, phase: str, refs: list) -> list:
-        """Wait for one result per worker; a failure names the worker's rank."""
+        """One result per worker, in rank order; the first to fail (in time) raises :class:`WorkerFailed`."""
         import ray
 
-        results = []
-        for rank, ref in enumerate(refs):
-            try:
-                results.append(ray.get(ref))
-            except (ray.exceptions.RayError, Exception) as err:  # actor died, or raised
-                raise WorkerFailed(rank, phase, err) from err
-        return results
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as err:  # the actor died (RayActorError), or its method raised (RayTaskError)
+                    self.failed = True
+                    raise WorkerFailed(rank, phase, err) from err
+        return [results[rank] for rank in range(len(refs))]
 
     def generate(self, requests: list[dict[str, Any]]) -> list[GenerateResult]:
         return dp_leaders(self.group, self._call("generate", self.group.generate(requests)))
@@ -131,10 +142,11 @@ class RayWorkers:
     def close(self) -> None:
         import ray
 
-        try:
-            self._call("close", self.group.execute_all_async("close"))
-        except WorkerFailed as err:
-            logger.warning("closing the workers: %s", err)
+        if not self.failed:
+            try:
+                self._call("close", self.group.execute_all_async("close"))
+            except WorkerFailed as err:
+                logger.warning("closing the workers: %s", err)
         for worker in self.group.workers:
             ray.kill(worker)
         for pg in self.pool.pgs or []:
