@@ -248,7 +248,7 @@ class FlowGRPOTrainer:
 
     def _commit(self, step, updates, rewards, parts, adv, start, rollout_s, train_s, results, groups) -> dict[str, Any]:
         """Record a finished step: the step counter, skipped-update bookkeeping, metrics and history."""
-        cfg, n, world = self.config, self.config.group_size, self.world_size
+        n, world = self.config.group_size, self.world_size
         self.step = step
         self._in_update = False
         skipped = updates[0].skipped
