@@ -23,6 +23,7 @@ from .serialization import tensor_from_json, tensor_to_json
 
 __all__ = [
     "EncodeRequest",
+    "GenerateRequest",
     "EmbeddingsGenerateRequest",
     "DecodeRequest",
     "env_to_json",
@@ -41,13 +42,12 @@ class EncodeRequest(BaseModel):
     sampling: dict[str, Any] = Field(default_factory=dict)
 
 
-class EmbeddingsGenerateRequest(BaseModel):
-    """Body of ``POST /rollout/generate`` on a denoiser: ``env`` holds one row per prompt (an encoder's answer),
-    ``prompts`` labels the rows; the rest as in a monolithic generate request."""
+class GenerateRequest(BaseModel):
+    """Body of ``POST /rollout/generate`` on a monolithic server (strict types: ``"false"`` is not a boolean, ``"3"``
+    not an int)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    env: dict[str, Any]
     prompts: list[StrictStr]
     seeds: list[StrictInt] | None = None
     n: StrictInt = Field(1, ge=1)
@@ -56,6 +56,13 @@ class EmbeddingsGenerateRequest(BaseModel):
     return_env: StrictBool = True
     return_trajectory: StrictBool = True
     return_debug: StrictBool = False
+
+
+class EmbeddingsGenerateRequest(GenerateRequest):
+    """Body of ``POST /rollout/generate`` on a denoiser: ``env`` holds one row per prompt (an encoder's answer),
+    ``prompts`` labels the rows; the rest as in a monolithic :class:`GenerateRequest`."""
+
+    env: dict[str, Any]
 
 
 class DecodeRequest(BaseModel):

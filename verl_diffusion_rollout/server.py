@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .config import DiffusionSamplingConfig, ServerLimits
@@ -64,7 +64,7 @@ from .contract import ENV_KEYS, RolloutBatch
 from .engines import DiffusionEngine
 from .errors import EngineAsleep, GenerationCancelled, NonFiniteOutput, RoleMismatch
 from .lora.config import WeightUpdateError, to_lora_config
-from .role_protocol import DecodeRequest, EmbeddingsGenerateRequest, EncodeRequest, env_from_json, env_to_json
+from .role_protocol import DecodeRequest, EmbeddingsGenerateRequest, EncodeRequest, GenerateRequest, env_from_json, env_to_json
 from .serialization import SAFETENSORS_MEDIA_TYPE, named_tensors_from_bytes, tensor_from_json, tensor_to_json
 from .sglang_protocol import (
     MSGPACK_MEDIA_TYPE,
@@ -107,21 +107,6 @@ def _sample_entries(batch: RolloutBatch | DenoisedBatch, return_env: bool, retur
             entry["debug"] = {k: tensor_to_json(v[b]) for k, v in batch.debug.items()}
         entries.append(entry)
     return entries
-
-
-class GenerateRequest(BaseModel):
-    """Body of ``POST /rollout/generate`` (strict types: ``"false"`` is not a boolean, ``"3"`` not an int)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: list[StrictStr]
-    seeds: list[StrictInt] | None = None
-    n: StrictInt = Field(1, ge=1)
-    sampling: dict[str, Any] = Field(default_factory=dict)
-    window_seed: StrictInt | None = None
-    return_env: StrictBool = True
-    return_trajectory: StrictBool = True
-    return_debug: StrictBool = False
 
 
 # -- authentication -----------------------------------------------------------------------------------------------
