@@ -164,6 +164,30 @@ class HookHandle:
         self.processors.setdefault(name, module.processor)
         module.set_processor(processor)
 
+    @classmethod
+    def install_processor(
+        cls, transformer: torch.nn.Module, attention: tuple[type, ...], processor: Any, family: str
+    ) -> HookHandle:
+        """Set ``processor`` on every attention module of ``transformer`` whose processor is one of ``attention``
+        (the family's stock processors and its sequence-parallel one); returns the handle that undoes it.
+
+        Raises ValueError naming the family when the transformer has no such module, or when a processor of
+        ``processor``'s type is already installed.
+        """
+        targets = {
+            name: module
+            for name, module in transformer.named_modules()
+            if isinstance(getattr(module, "processor", None), (*attention, type(processor)))
+        }
+        if not targets:
+            raise ValueError(f"{type(transformer).__name__} has no {family} joint-attention modules")
+        if any(type(module.processor) is type(processor) for module in targets.values()):
+            raise ValueError("sequence parallelism is already installed on this transformer")
+        handle = cls(transformer)
+        for name, module in targets.items():
+            handle.set_processor(name, module, processor)
+        return handle
+
     def follow(self, attr: str, hook: Callable) -> None:
         """Keep ``hook`` as a forward hook of ``transformer.<attr>``, whatever module that is at each forward."""
         self._followed.append([attr, hook, None, None])

@@ -69,20 +69,10 @@ def use_sequence_parallel(transformer: torch.nn.Module, sp: SequenceParallel) ->
         raise ValueError("sequence parallelism does not support Qwen-Image transformers with zero_cond_t=True")
     if type(transformer.pos_embed) is not QwenEmbedRope:
         raise ValueError(f"sequence parallelism supports Qwen-Image's QwenEmbedRope, not {type(transformer.pos_embed).__name__}")
-    targets = {
-        name: module
-        for name, module in transformer.named_modules()
-        if isinstance(getattr(module, "processor", None), (QwenDoubleStreamAttnProcessor2_0, QwenJointAttnProcessor))
-    }
-    if not targets:
-        raise ValueError(f"{type(transformer).__name__} has no Qwen-Image joint-attention modules")
-    if any(isinstance(m.processor, QwenSequenceParallelAttnProcessor) for m in targets.values()):
-        raise ValueError("sequence parallelism is already installed on this transformer")
-
-    handle = HookHandle(transformer)
-    processor = QwenSequenceParallelAttnProcessor()
-    for name, module in targets.items():
-        handle.set_processor(name, module, processor)
+    handle = HookHandle.install_processor(
+        transformer, (QwenDoubleStreamAttnProcessor2_0, QwenJointAttnProcessor), QwenSequenceParallelAttnProcessor(),
+        "Qwen-Image",
+    )
 
     def shard_inputs(module, args, kwargs):
         if args:

@@ -89,21 +89,10 @@ def use_sequence_parallel(transformer: torch.nn.Module, sp: SequenceParallel) ->
 
     config = transformer.config
     check_heads(sp.size, config.num_attention_heads, "ulysses_sequence_parallel_size")
-    targets = {
-        name: module
-        for name, module in transformer.named_modules()
-        if isinstance(getattr(module, "processor", None), (JointAttnProcessor2_0, SD3SequenceParallelAttnProcessor))
-    }
-    if not targets:
-        raise ValueError(f"{type(transformer).__name__} has no SD3 joint-attention modules")
-    if any(isinstance(m.processor, SD3SequenceParallelAttnProcessor) for m in targets.values()):
-        raise ValueError("sequence parallelism is already installed on this transformer")
     patch = config.patch_size
-
-    handle = HookHandle(transformer)
-    processor = SD3SequenceParallelAttnProcessor()
-    for name, module in targets.items():
-        handle.set_processor(name, module, processor)
+    handle = HookHandle.install_processor(
+        transformer, (JointAttnProcessor2_0,), SD3SequenceParallelAttnProcessor(), "SD3"
+    )
 
     def shard_inputs(module, args, kwargs):
         if args:
