@@ -221,6 +221,25 @@ def test_a_refused_install_changes_nothing(engine, sd3_engine, small_sampling, s
     assert torch.equal(before.all_latents, after.all_latents)
 
 
+@pytest.mark.parametrize("family", ["qwenimage", "sd3"])
+def test_a_second_install_is_refused_and_the_first_stays(tiny_model_path, tiny_sd3_model_path, family):
+    """Installing sequence parallelism twice names the problem and leaves the first install's processors and hooks;
+    removing that one restores the stock processors."""
+    eng = DiffusersEngine(tiny_model_path if family == "qwenimage" else tiny_sd3_model_path)
+    transformer, stock = eng.transformer, dict(eng.transformer.attn_processors)
+    handle = eng.pipe.family.use_sequence_parallel(transformer, SequenceParallel(group=None, size=2, rank=0))
+    installed = dict(transformer.attn_processors)
+    assert all("SequenceParallel" in type(p).__name__ for p in installed.values())
+    hooks = (len(transformer._forward_pre_hooks), len(transformer._forward_hooks))
+    with pytest.raises(ValueError, match="sequence parallelism is already installed"):
+        eng.pipe.family.use_sequence_parallel(transformer, SequenceParallel(group=None, size=2, rank=0))
+    assert transformer.attn_processors == installed
+    assert (len(transformer._forward_pre_hooks), len(transformer._forward_hooks)) == hooks
+    handle.remove()
+    assert transformer.attn_processors == stock
+    assert not transformer._forward_pre_hooks and not transformer._forward_hooks
+
+
 def test_a_group_of_one_leaves_the_model_untouched(tiny_model_path):
     engine = DiffusersEngine(tiny_model_path, sequence_parallel=SequenceParallel(group=None, size=1, rank=0))
     assert engine.sequence_parallel is None and engine.sp_handle is None
