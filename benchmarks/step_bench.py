@@ -78,6 +78,22 @@ VARIANTS: dict[str, list[str]] = {
     "eager": ["actor_rollout_ref.rollout.compile=false"],
     "recompute": ["actor_rollout_ref.actor.recompute_old_log_probs=true"],
 }
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The Hydra overrides of a variant: ``+``-joined parts, each a key of ``VARIANTS`` or ``ckpt<N>`` (gradient
+    checkpointing of the first N transformer blocks only, the rest keeping their activations), e.g.
+    ``micro8+ckpt40``. ``KeyError`` naming the unknown part."""
+    overrides: list[str] = []
+    for part in name.split("+"):
+        if part in VARIANTS:
+            overrides += VARIANTS[part]
+        elif part.startswith("ckpt") and part[4:].isdigit():
+            overrides += ["actor_rollout_ref.actor.gradient_checkpointing=true",
+                          f"actor_rollout_ref.actor.checkpoint_blocks={int(part[4:])}"]
+        else:
+            raise KeyError(f"unknown variant part {part!r} of {name!r}; known: {sorted(VARIANTS)} or ckpt<N>")
+    return overrides
 WORDS = "a an the red green blue cat dog photo of on in with sky city tree house car flower bird".split()
 VERL_OMNI_IMG_PER_GPU_S = 0.305  # verl-omni docs/algo/performance.md: Qwen-Image LoRA, 4 x H800, 32 x 16 per step
 
@@ -346,14 +362,19 @@ def transformer_flops(transformer: torch.nn.Module, batch) -> dict[str, float]:
 
 def phase_flops(trainer, flops: dict[str, float], config) -> dict[str, float]:
     """FLOPs of the last step's rollout (every sample, every step, every CFG pass) and update (every trained
-    sample-step: forward + backward, + the recomputed forward under gradient checkpointing)."""
+    sample-step: forward + backward, + the recomputed share of the forward under gradient checkpointing)."""
     actor = trainer.workers.actor
     sampling = config.rollout.sampling
     passes = 2 if sampling.guidance_scale > 1 else 1
     samples = sum(len(b) for b in actor._batches)
     steps = actor._batches[0].num_steps
     trained = float(sum(b.sde_mask.sum() for b in actor._batches))
-    per_train = flops["forward"] * (2 if config.actor.gradient_checkpointing else 1) + flops["backward"]
+    recomputed = 0.0  # the share of the forward recomputed in the backward (the checkpointed blocks')
+    if config.actor.gradient_checkpointing:
+        blocks = len(actor.transformer.transformer_blocks)
+        count = blocks if config.actor.checkpoint_blocks is None else config.actor.checkpoint_blocks
+        recomputed = count / blocks
+    per_train = flops["forward"] * (1 + recomputed) + flops["backward"]
     return {"rollout": samples * steps * passes * flops["forward"], "train": trained * passes * per_train,
             "trained_sample_steps": trained}
 
@@ -425,7 +446,7 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
     from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer
 
     extras = {} if extras is None else extras
-    overrides = VARIANTS[name]
+    overrides = variant_overrides(name)
     out_dir = Path(args.work_dir) / name
     configs = {s: compose_config(args, model_path, s, overrides, out_dir) for s in samples_list}
     cuda = torch.cuda.is_available() and configs[samples_list[0]].rollout.device != "cpu"
@@ -450,6 +471,7 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
                 row = {"variant": name, "samples": samples, "step_in_phase": k + 1, "load_s": load_s,
                        "micro_batch_size": config.actor.micro_batch_size,
                        "gradient_checkpointing": config.actor.gradient_checkpointing,
+                       "checkpoint_blocks": config.actor.checkpoint_blocks,
                        "batch_cfg": config.rollout.sampling.batch_cfg}
                 cache_before = compile_cache_stats()
                 try:
@@ -668,7 +690,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=16, help="with --preset verl_omni")
     parser.add_argument("--steps", type=int, default=2, help="steps per batch size (the first includes warm-up)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state mean")
-    parser.add_argument("--variants", default="default", help=f"comma-separated, of {sorted(VARIANTS)}")
+    parser.add_argument("--variants", default="default", help=f"comma-separated, each {sorted(VARIANTS)} or ckpt<N>, "
+                        "joined with + (micro8+ckpt40)")
     parser.add_argument("--variant-samples", type=int, nargs="+", default=None,
                         help="batch sizes of the non-default variants (default: the smallest of --samples)")
     parser.add_argument("--prompts-file", "--prompt-file", dest="prompts_file", default=None,
@@ -712,9 +735,11 @@ def main() -> None:
     if not args.tiny and not args.model_path and not torch.cuda.is_available():
         parser.error("the real-size benchmark needs a CUDA GPU; use --tiny on the CPU")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    for v in variants:
+        try:
+            variant_overrides(v)
+        except KeyError as err:
+            parser.error(str(err.args[0]))
     if args.reward_model is None:
         args.reward_model = "qwen3_vl_8b" if args.preset == "verl_omni" and not args.reward_model_path else "none"
     torch.backends.cuda.matmul.allow_tf32 = True

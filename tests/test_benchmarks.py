@@ -108,3 +108,14 @@ def test_step_bench_steady_state_is_the_mean_after_the_warmup_steps():
     assert entry["steady_step_s"] == 12.0 and entry["steady_train_s"] == 6.0 and entry["first_step_s"] == 30.0
     assert entry["first_over_steady"] == 2.5 and entry["logprob_gap_max"] == 1e-7 and entry["peak_gpu_gib_max"] == 4.0
     assert oom["steps"] == 0 and oom["error"] == "out of memory" and oom["steady_step_s"] is None
+
+
+def test_step_bench_variant_names_compose_and_unknown_parts_are_named():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_bench import VARIANTS, variant_overrides
+
+    assert variant_overrides("micro8+ckpt40") == VARIANTS["micro8"] + [
+        "actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=40"]
+    assert variant_overrides("default") == []
+    with pytest.raises(KeyError, match="'micro9'"):
+        variant_overrides("micro8+micro9")

@@ -104,6 +104,46 @@ def test_unsupported_lora_configs_are_refused_before_touching_the_model():
         SharedPolicy(transformer, LoraConfig(r=4, target_modules=["nomatch"]))
 
 
+# -- partial gradient checkpointing -----------------------------------------------------------------------------------
+
+
+def _block_calls_and_grads(**policy_kwargs):
+    """Forward + backward of a LoRA'd tiny transformer; per-block forward calls (a recomputed block runs twice) and
+    the LoRA gradients."""
+    policy = SharedPolicy(tiny_transformer(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), **policy_kwargs)
+    randomize_lora(policy, 3)
+    policy.refresh()
+    blocks = list(policy.transformer.transformer_blocks)
+    calls = [0] * len(blocks)
+    for k, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+    (forward(policy.transformer) ** 2).sum().backward()
+    return calls, [p.grad for p in policy.params]  # None for the last block's unused text-stream output
+
+
+def test_checkpoint_blocks_recomputes_exactly_the_first_n_blocks_and_keeps_the_gradients():
+    n_blocks = TINY_QWENIMAGE_DIMS["transformer"]["num_layers"]
+    assert n_blocks >= 2
+    plain_calls, plain_grads = _block_calls_and_grads()
+    assert plain_calls == [1] * n_blocks
+    for count, expected in [(None, [2] * n_blocks), (1, [2] + [1] * (n_blocks - 1)), (0, [1] * n_blocks)]:
+        calls, grads = _block_calls_and_grads(gradient_checkpointing=True, checkpoint_blocks=count)
+        assert calls == expected, count
+        assert sum(g is not None for g in grads) > len(grads) // 2
+        for a, b in zip(grads, plain_grads):  # a recompute computes the same forward: the same gradients
+            assert (a is None and b is None) or torch.equal(a, b), count
+
+
+def test_checkpoint_blocks_past_the_block_count_is_refused_naming_the_key():
+    n_blocks = TINY_QWENIMAGE_DIMS["transformer"]["num_layers"]
+    transformer = tiny_transformer()
+    with pytest.raises(ValueError, match=rf"checkpoint_blocks={n_blocks + 1} is not in \[0, {n_blocks}\]"):
+        SharedPolicy(transformer, LoraConfig(r=4, target_modules=TARGETS), gradient_checkpointing=True,
+                     checkpoint_blocks=n_blocks + 1)
+    assert not any("lora" in name for name, _ in transformer.named_parameters())  # refused before the adapter
+    assert not transformer.gradient_checkpointing
+
+
 # -- the trainer: one transformer ----------------------------------------------------------------------------------
 
 

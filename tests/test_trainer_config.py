@@ -45,6 +45,10 @@ def compose_tiny(model_path, out_dir, *overrides):
         ("trainer.save_freq=-1", "trainer.save_freq"),
         ("trainer.plot_freq=-1", "trainer.plot_freq"),
         ("trainer.total_steps=0", "trainer.total_steps"),
+        ("++actor_rollout_ref.actor.checkpoint_blocks=-1", "actor_rollout_ref.actor.checkpoint_blocks"),
+        ("++actor_rollout_ref.actor.checkpoint_blocks=2.5", "actor_rollout_ref.actor.checkpoint_blocks"),
+        # without gradient checkpointing (the tiny recipe's default) the key would do nothing: refused
+        ("++actor_rollout_ref.actor.checkpoint_blocks=1", "actor_rollout_ref.actor.gradient_checkpointing=true"),
     ],
 )
 def test_bad_values_name_their_key_before_any_model_loads(tmp_path, override, key):

@@ -29,6 +29,7 @@ from verl import DataProto
 
 from ..contract import RolloutBatch
 from ..rollout import from_data_proto
+from ..sde import to_device_async
 from .config import FlowGRPOConfig
 from .loss import flowgrpo_step_loss, gaussian_kl, sample_step_weights
 from .policy import SharedPolicy
@@ -129,6 +130,7 @@ class FlowGRPOActor:
             self.lora_config,
             merged=config.rollout.lora.merge,
             gradient_checkpointing=config.actor.gradient_checkpointing,
+            checkpoint_blocks=config.actor.checkpoint_blocks,
             seed=config.trainer.seed,
         )
         self.optimizer = torch.optim.AdamW(
@@ -287,12 +289,12 @@ class FlowGRPOActor:
                         replayer = replayer_for(fb)
                         step_weights = sample_step_weights(keep_f[rows], batch.sde_mask, mini.kept)
                         trained = keep[rows].cpu()[:, None] & batch.sde_mask  # sample-steps in the statistics
-                        stat_weights = trained.to(device, torch.float32)
+                        stat_weights = to_device_async(trained.float(), device)
                         adv = advantages[rows]
                         for i in steps[fb]:
                             weight, sample_weight = stat_weights[:, i], step_weights[:, i]
                             out = replayer.step(self.transformer, i)
-                            rollout_lp = batch.rollout_log_probs[:, i].to(device)
+                            rollout_lp = to_device_async(batch.rollout_log_probs[:, i], device)
                             old_lp = rollout_lp if old is None else old[fb][i]
                             if pre_update:
                                 gap = (out.log_prob.detach() - rollout_lp).abs()

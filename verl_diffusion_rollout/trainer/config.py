@@ -73,6 +73,9 @@ class ActorConfig:
     identical tensors and the replayed log-probs equal the rollout's. It divides the group size (``rollout.n``) or
     is a multiple of it; ``None`` means one group. ``mini_batch_size`` (whole groups and whole forward batches) is the
     batch of one optimizer step.
+    ``gradient_checkpointing`` recomputes the transformer blocks' activations in the backward pass instead of keeping
+    them; ``checkpoint_blocks`` (with it) recomputes only the first N blocks and keeps the rest, a step between the
+    two for a GPU with memory to spare (each kept block saves one block forward per replayed step; ``None``: all).
     ``recompute_old_log_probs``: take the ratio's old log-probs from a replay before the update (verl's PPO does
     this) instead of the rollout's; they are equal here, so it only costs one forward per trained step.
     ``kl_convention`` (with ``kl_beta > 0``): ``flowgrpo`` is FlowGRPO's term, ``mean((mu - mu_ref)**2) /
@@ -99,6 +102,7 @@ class ActorConfig:
     mini_batch_size: Optional[int] = None
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
+    checkpoint_blocks: Optional[int] = None
     recompute_old_log_probs: bool = False
     ulysses_sequence_parallel_size: int = 1
     max_skipped_steps: int = 3
@@ -131,6 +135,11 @@ class ActorConfig:
                 _check_int(f"{key}{name}", getattr(self, name), 1)
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"{key}gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.checkpoint_blocks is not None:
+            _check_int(f"{key}checkpoint_blocks", self.checkpoint_blocks, 0)
+            if not self.gradient_checkpointing:
+                raise ValueError(f"{key}checkpoint_blocks={self.checkpoint_blocks} needs "
+                                 f"{key}gradient_checkpointing=true (without it no block is recomputed)")
 
 
 @dataclass

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sde import to_device_async
+
 __all__ = ["PolicyLossOutput", "flowgrpo_step_loss", "gaussian_kl", "sample_step_weights"]
 
 
@@ -70,11 +72,11 @@ def sample_step_weights(keep: torch.Tensor, sde_mask: torch.Tensor, kept: int) -
     Returns:
         ``[B, T]`` weights, ``keep``'s dtype and device (0 at deterministic steps).
     """
-    mask = sde_mask.to(keep.device)
+    mask = to_device_async(sde_mask, keep.device)
     counts = sde_mask.sum(dim=1)
     if bool((counts == counts[0]).all()):
         return (keep / (kept * max(int(counts[0]), 1)))[:, None] * mask
-    per_sample = kept * counts.clamp_min(1).to(keep.device, keep.dtype)
+    per_sample = kept * to_device_async(counts.clamp_min(1).to(keep.dtype), keep.device)
     return (keep / per_sample)[:, None] * mask
 
 

@@ -19,15 +19,31 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..lora.layer import MergedLoRALinear, float32_factors, lora_layer_config, lora_layers
 from .checkpoint import check_lora_keys
 
-__all__ = ["MergedLoRALinear", "SharedPolicy", "lora_layers"]
+__all__ = ["MergedLoRALinear", "SharedPolicy", "checkpoint_first_blocks", "lora_layers"]
+
+
+def checkpoint_first_blocks(blocks: Sequence[nn.Module], count: int) -> Callable[..., Any]:
+    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that recomputes the
+    first ``count`` of ``blocks`` in the backward pass (``torch.utils.checkpoint``, non-reentrant) and runs the
+    others plainly, keeping their activations. The forward values are the same either way."""
+    recomputed = {id(block) for block in blocks[:count]}
+
+    def gradient_checkpointing_func(block: nn.Module, *args: Any) -> Any:
+        if id(block) in recomputed:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    return gradient_checkpointing_func
 
 
 class SharedPolicy:
@@ -37,7 +53,10 @@ class SharedPolicy:
         transformer: the rollout engine's transformer (``DiffusersEngine.attach_trainer()``).
         lora_config: a peft ``LoraConfig`` (vanilla LoRA: no DoRA, no dropout, no bias, no rank/alpha patterns).
         merged: carry the LoRA as :class:`MergedLoRALinear` (default) or as peft's unmerged layers.
-        gradient_checkpointing: recompute each block's activations in the backward pass.
+        gradient_checkpointing: recompute blocks' activations in the backward pass instead of keeping them.
+        checkpoint_blocks: with ``gradient_checkpointing``, how many of ``transformer.transformer_blocks`` are
+            recomputed (the first ones); the others keep their activations, trading memory for the recompute's
+            time. ``None``: every block.
         seed: seeds the LoRA initialisation (``A`` random, ``B`` zero: the first policy is the base model).
         config_key: the config key naming ``lora_config.target_modules``, for error messages.
     """
@@ -49,10 +68,15 @@ class SharedPolicy:
         *,
         merged: bool = True,
         gradient_checkpointing: bool = False,
+        checkpoint_blocks: int | None = None,
         seed: int = 0,
         config_key: str = "actor_rollout_ref.model.target_modules",
     ):
         _check_vanilla_lora(lora_config)
+        blocks = list(getattr(transformer, "transformer_blocks", []))
+        if checkpoint_blocks is not None and not 0 <= checkpoint_blocks <= len(blocks):
+            raise ValueError(f"actor_rollout_ref.actor.checkpoint_blocks={checkpoint_blocks} is not in "
+                             f"[0, {len(blocks)}]: {type(transformer).__name__} has {len(blocks)} transformer blocks")
         targets = lora_config.target_modules
         targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
         self.transformer = transformer
@@ -76,7 +100,10 @@ class SharedPolicy:
         }
         self.params = list(self.named_params.values())
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            count = len(blocks) if checkpoint_blocks is None else checkpoint_blocks
+            transformer.enable_gradient_checkpointing(
+                None if count == len(blocks) else checkpoint_first_blocks(blocks, count)
+            )
         transformer.eval()  # no dropout anywhere: sampling and training compute the same function
         self.refresh()
 
