@@ -35,7 +35,9 @@ the transformer counted on a meta-device copy), peak GPU memory, host RSS, compi
 pre-update log-prob gap. Per variant and batch size: the first step against the steady state (the mean of the steps
 after the first ``--warmup-steps``, 2 by default; the table says how many were averaged). ``--profile`` runs one
 more step per variant with the in-trainer rollout under ``torch.profiler`` and writes its top-ops table next to the
-results. Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
+results. ``--resume`` continues each variant's run from its last checkpoint under ``--work-dir`` and writes one
+after every step (outside the timed step), so a run longer than one command goes on in the next (rows carry the
+run's ``rl_step``). Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
 """
 
 from __future__ import annotations
@@ -411,7 +413,10 @@ def compose_config(args, model_path: str, samples: int, variant: list[str], out_
         # one compile cache for every variant and every run: a later run's first step compiles from it
         f"trainer.compile_cache_dir={Path(args.compile_cache_dir or Path(args.work_dir) / 'compile_cache').resolve()}",
         "trainer.total_steps=1000",
-        "trainer.save_freq=0",
+        "trainer.save_freq=0",  # --resume saves after each step itself, outside the timed step
+        *(["trainer.max_actor_ckpt_to_keep=1"] if args.resume else []),
+        *([f"trainer.resume_from={out_dir / 'checkpoints'}"]
+          if args.resume and (out_dir / "checkpoints" / "latest").is_file() else []),
         "trainer.plot_freq=0",
         "trainer.logger=[file]",
         "data.val_prompts=null",
@@ -481,6 +486,11 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
                     print(json.dumps(rows[-1]), flush=True)
                     report()
                     return
+                row["rl_step"] = trainer.step  # the run's step: it goes on across commands with --resume
+                if args.resume:
+                    t0 = time.perf_counter()
+                    trainer.save()
+                    row["save_s"] = time.perf_counter() - t0
                 row.update({key: m.get(key) for key in ("rollout_s", "reward_s", "train_s", "switch_s",
                                                         "allreduce_s", "step_s", "images_per_s_per_worker",
                                                         "logprob_max_abs_diff_pre_update", "weight_version",
@@ -559,6 +569,13 @@ def profile_rollout(args, trainer, name: str) -> dict[str, Any]:
         "device_busy_frac": device_us / 1e6 / captured["wall_s"] if cuda else None,
         "top": [{"op": e.key, "self_ms": getattr(e, sort) / 1e3, "calls": e.count} for e in top],
     }
+
+
+def _step_label(row: dict) -> str:
+    """The step in this command's phase, and the run's RL step where they differ (a resumed run, several batch
+    sizes)."""
+    k, rl = row["step_in_phase"], row.get("rl_step", row["step_in_phase"])
+    return str(k) if k == rl else f"{k} (RL step {rl})"
 
 
 def summarize(rows: list[dict], warmup: int = 2) -> list[dict]:
@@ -646,7 +663,7 @@ def markdown(results: dict) -> str:
         hits = cache.get("fxgraph_cache_hit", 0) + cache.get("autograd_cache_hit", 0)
         misses = cache.get("fxgraph_cache_miss", 0) + cache.get("autograd_cache_miss", 0)
         lines.append(
-            f"| {r['variant']} | {r['samples']} | {r['step_in_phase']} | {r['rollout_s']:.2f} | {r['reward_s']:.2f} | "
+            f"| {r['variant']} | {r['samples']} | {_step_label(r)} | {r['rollout_s']:.2f} | {r['reward_s']:.2f} | "
             f"{r['train_s']:.2f} | {r['switch_s']:.3f} ({100 * r['switch_frac']:.2f}%) | {r['step_s']:.2f} | "
             f"{r['images_per_s_per_worker']:.3f} | {_f(r.get('rollout_matrix_frac'), '.0%')} / "
             f"{_f(r.get('train_matrix_frac'), '.0%')} | {_f(r.get('peak_gpu_gib'), '.1f')} | {r['host_rss_gib']:.1f} | "
@@ -711,6 +728,9 @@ def main() -> None:
     parser.add_argument("--pad-text-encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="allocate the missing text-encoder layers' memory on the GPU")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every variant")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from each variant's last checkpoint under --work-dir and write one after every "
+                             "step (untimed): a run longer than one command continues in the next")
     parser.add_argument("--model-path", default=None, help="an existing model folder instead of building one")
     parser.add_argument("--prompt-words", type=int, default=12, help="words of each generated prompt")
     parser.add_argument("--model-dir", default="/tmp/step_bench_model")

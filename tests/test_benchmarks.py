@@ -119,3 +119,27 @@ def test_step_bench_variant_names_compose_and_unknown_parts_are_named():
     assert variant_overrides("default") == []
     with pytest.raises(KeyError, match="'micro9'"):
         variant_overrides("micro8+micro9")
+
+
+def test_step_bench_resume_goes_on_from_the_last_checkpoint_in_the_next_command(tmp_path):
+    """A run longer than one command (the GPU machine's 10-minute limit): with --resume each command starts from the
+    variant's last checkpoint, so two commands of two steps are the run's steps 1-4, each replayed exactly."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--samples", "16", "--steps", "2",
+           "--resume", "--work-dir", str(tmp_path / "runs")]
+    steps, versions = [], []
+    for k in range(2):
+        out = subprocess.run([*cmd, "--out", str(tmp_path / f"out{k}")], capture_output=True, text=True, timeout=600,
+                             cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (json_path,) = (tmp_path / f"out{k}").glob("cpu_*_step_qwenimage.json")
+        rows = json.loads(json_path.read_text())["rows"]
+        assert all("error" not in r and r["logprob_max_abs_diff_pre_update"] == 0.0 for r in rows)
+        assert all(r["save_s"] >= 0 for r in rows)
+        steps += [r["rl_step"] for r in rows]
+        versions += [r["weight_version"] for r in rows]
+    assert steps == [1, 2, 3, 4]
+    # a fresh engine per command: loading the checkpoint's LoRA is a weight version of its own, then one per update
+    assert versions == [1, 2, 2, 3]
+    md = (tmp_path / "out1" / json_path.name.replace(".json", ".md")).read_text()
+    assert "| 1 (RL step 3) |" in md
+    assert (tmp_path / "runs" / "default" / "checkpoints" / "step_000004").is_dir()
