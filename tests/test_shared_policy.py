@@ -107,27 +107,53 @@ def test_unsupported_lora_configs_are_refused_before_touching_the_model():
 # -- partial gradient checkpointing -----------------------------------------------------------------------------------
 
 
-def _block_calls_and_grads(**policy_kwargs):
+SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+def _tiny(family):
+    if family == "qwenimage":
+        return tiny_transformer(), forward
+    from diffusers import SD3Transformer2DModel
+
+    from verl_diffusion_rollout.testing import TINY_SD3_DIMS
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**TINY_SD3_DIMS["transformer"])
+
+    def sd3_forward(transformer, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        text = torch.randn(2, 7, 32, generator=g)
+        pooled = torch.randn(2, 32, generator=g)
+        return transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                           timestep=torch.tensor([500.0, 800.0]), return_dict=False)[0]
+
+    return model, sd3_forward
+
+
+def _block_calls_and_grads(family, **policy_kwargs):
     """Forward + backward of a LoRA'd tiny transformer; per-block forward calls (a recomputed block runs twice) and
     the LoRA gradients."""
-    policy = SharedPolicy(tiny_transformer(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), **policy_kwargs)
+    transformer, run = _tiny(family)
+    targets = TARGETS if family == "qwenimage" else SD3_TARGETS
+    policy = SharedPolicy(transformer, LoraConfig(r=4, lora_alpha=8, target_modules=targets), **policy_kwargs)
     randomize_lora(policy, 3)
     policy.refresh()
     blocks = list(policy.transformer.transformer_blocks)
     calls = [0] * len(blocks)
     for k, block in enumerate(blocks):
         block.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
-    (forward(policy.transformer) ** 2).sum().backward()
+    (run(policy.transformer) ** 2).sum().backward()
     return calls, [p.grad for p in policy.params]  # None for the last block's unused text-stream output
 
 
-def test_checkpoint_blocks_recomputes_exactly_the_first_n_blocks_and_keeps_the_gradients():
-    n_blocks = TINY_QWENIMAGE_DIMS["transformer"]["num_layers"]
-    assert n_blocks >= 2
-    plain_calls, plain_grads = _block_calls_and_grads()
-    assert plain_calls == [1] * n_blocks
+@pytest.mark.parametrize("family", ["qwenimage", "sd3"])
+def test_checkpoint_blocks_recomputes_exactly_the_first_n_blocks_and_keeps_the_gradients(family):
+    plain_calls, plain_grads = _block_calls_and_grads(family)
+    n_blocks = len(plain_calls)
+    assert n_blocks >= 2 and plain_calls == [1] * n_blocks
     for count, expected in [(None, [2] * n_blocks), (1, [2] + [1] * (n_blocks - 1)), (0, [1] * n_blocks)]:
-        calls, grads = _block_calls_and_grads(gradient_checkpointing=True, checkpoint_blocks=count)
+        calls, grads = _block_calls_and_grads(family, gradient_checkpointing=True, checkpoint_blocks=count)
         assert calls == expected, count
         assert sum(g is not None for g in grads) > len(grads) // 2
         for a, b in zip(grads, plain_grads):  # a recompute computes the same forward: the same gradients
