@@ -264,12 +264,13 @@ def test_a_nan_reward_names_its_reward_function():
 def test_replicas_draw_distinct_fallback_seeds_and_keep_given_ones(tiny_model_path):
     from omegaconf import OmegaConf
 
-    from verl_diffusion_rollout.config import DiffusionRolloutConfig, DiffusionSamplingConfig
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+    from verl_diffusion_rollout.verl_config import DiffusionRolloutConfig
     from verl_diffusion_rollout.engines.base import fallback_seed
 
     config = DiffusionRolloutConfig(device="cpu", dtype="float32", seed=5,
                                     sampling=DiffusionSamplingConfig(height=64, width=64, num_steps=2))
-    model = OmegaConf.create({"_target_": "verl_diffusion_rollout.config.DiffusionModelConfig", "path": tiny_model_path})
+    model = OmegaConf.create({"_target_": "verl_diffusion_rollout.verl_config.DiffusionModelConfig", "path": tiny_model_path})
     replicas = [DiffusionRollout(config=config, model_config=model, replica_rank=r) for r in (0, 1)]
     unseeded = [r.engine.generate(["a red cat"], sampling=config.sampling, n=2) for r in replicas]
     assert unseeded[0].seeds.tolist() != unseeded[1].seeds.tolist()

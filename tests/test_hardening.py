@@ -138,7 +138,7 @@ def test_public_bind_without_a_key_refuses_to_start(engine, monkeypatch):
 
 
 def test_replica_passes_its_key_to_its_server_and_uses_it(tiny_model_path, monkeypatch):
-    from verl_diffusion_rollout.config import DiffusionRolloutConfig
+    from verl_diffusion_rollout.verl_config import DiffusionRolloutConfig
     from verl_diffusion_rollout.replica import DiffusionReplica, DiffusionServer
 
     monkeypatch.delenv("VDR_API_KEY", raising=False)

@@ -9,7 +9,8 @@ import pytest
 import ray
 from omegaconf import OmegaConf
 
-from verl_diffusion_rollout.config import DiffusionRolloutConfig, DiffusionSamplingConfig
+from verl_diffusion_rollout.config import DiffusionSamplingConfig
+from verl_diffusion_rollout.verl_config import DiffusionRolloutConfig
 from verl_diffusion_rollout.replica import DiffusionReplica
 
 
@@ -24,7 +25,7 @@ def test_replica_serves_generate_from_a_ray_actor(ray_cpu, tiny_model_path):
     config = DiffusionRolloutConfig(
         device="cpu", dtype="float32", sampling=DiffusionSamplingConfig(height=64, width=64, num_steps=3)
     )
-    model = OmegaConf.create({"_target_": "verl_diffusion_rollout.config.DiffusionModelConfig", "path": tiny_model_path})
+    model = OmegaConf.create({"_target_": "verl_diffusion_rollout.verl_config.DiffusionModelConfig", "path": tiny_model_path})
     replica = DiffusionReplica(replica_rank=0, config=config, model_config=model, gpus_per_node=1)
 
     async def scenario():

@@ -14,7 +14,7 @@ from verl import DataProto
 from verl.utils.config import omega_conf_to_dataclass
 
 import verl_diffusion_rollout  # noqa: F401  (registers)
-from verl_diffusion_rollout.config import DiffusionModelConfig, DiffusionRolloutConfig
+from verl_diffusion_rollout.verl_config import DiffusionModelConfig, DiffusionRolloutConfig
 from verl_diffusion_rollout.contract import CONTRACT_KEYS
 from verl_diffusion_rollout.rollout import DiffusionRollout, from_data_proto
 

@@ -1,11 +1,11 @@
-"""Configuration dataclasses: sampling, LoRA sync, rollout and model (the latter two registered in Hydra's
-ConfigStore).
+"""Configuration dataclasses without verl: sampling, LoRA sync and server limits, and the attention backends.
 
-``DiffusionSamplingConfig`` and ``LoRASyncConfig`` are plain dataclasses, so the sampler core (``sde``,
-``scheduler``, ``pipelines``, ``engines``) imports without verl. ``DiffusionRolloutConfig`` and
-``DiffusionModelConfig`` subclass verl's own ``RolloutConfig`` and ``HFModelConfig`` (every verl code path that
-reads those keeps working); they live in :mod:`verl_diffusion_rollout.verl_config` and are importable from here.
-Invalid values raise ``ValueError`` naming the key, at construction time.
+``DiffusionSamplingConfig``, ``LoRASyncConfig`` and ``ServerLimits`` are plain dataclasses, so the sampler core
+(``sde``, ``scheduler``, ``pipelines``, ``engines``) imports without verl. The rollout and model configs,
+``DiffusionRolloutConfig`` and ``DiffusionModelConfig``, subclass verl's own ``RolloutConfig`` and ``HFModelConfig``
+(every verl code path that reads those keeps working) and are registered in Hydra's ConfigStore; they live in
+:mod:`verl_diffusion_rollout.verl_config`, which imports this module (never the other way round). Invalid values
+raise ``ValueError`` naming the key, at construction time.
 """
 
 from __future__ import annotations
@@ -20,27 +20,18 @@ from typing import Any, Optional
 from .sde import SDE_TYPES, default_log_prob_no_const
 
 __all__ = [
+    "ATTENTION_BACKENDS",
     "DiffusionSamplingConfig",
     "LoRASyncConfig",
     "ServerLimits",
-    "DiffusionRolloutConfig",
-    "DiffusionModelConfig",
     "QWEN_IMAGE_ATTENTION_MODULES",
-    "register_configs",
     "attention_heads",
     "check_heads",
 ]
 
-_VERL_CONFIGS = ("DiffusionRolloutConfig", "DiffusionModelConfig", "register_configs", "ENGINES", "DTYPES")
-
-
-def __getattr__(name: str) -> Any:
-    """The verl-based configs, imported on first use (they need verl)."""
-    if name in _VERL_CONFIGS:
-        from . import verl_config
-
-        return getattr(verl_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``rollout.attention_backend``: which scaled-dot-product-attention kernels the transformer may use
+# (:func:`verl_diffusion_rollout.pipelines.loop.attention_backend` applies it).
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "default", "cudnn", "flash", "efficient", "math")
 
 # The 8 attention projections of a Qwen-Image double-stream block (image and text streams).
 QWEN_IMAGE_ATTENTION_MODULES: list[str] = [

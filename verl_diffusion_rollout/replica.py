@@ -19,7 +19,8 @@ import torch
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
-from .config import DiffusionRolloutConfig, DiffusionSamplingConfig
+from .config import DiffusionSamplingConfig
+from .verl_config import DiffusionRolloutConfig
 from .contract import RolloutBatch
 from .rollout import _as_model_config, build_engine
 

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from verl import DataProto
 from verl.workers.rollout.base import BaseRollout
 
-from .config import DiffusionModelConfig, DiffusionRolloutConfig, DiffusionSamplingConfig
+from .config import DiffusionSamplingConfig
+from .verl_config import DiffusionModelConfig, DiffusionRolloutConfig
 from .contract import RolloutBatch
 from .engines import DiffusionEngine, get_engine_class
 from .engines.base import fallback_seed
@@ -131,12 +132,12 @@ class DiffusionRollout(BaseRollout):
         if not isinstance(self.config, DiffusionRolloutConfig):
             raise TypeError(
                 f"rollout config must be a DiffusionRolloutConfig, got {type(self.config).__name__}; use "
-                "configs/rollout/diffusion.yaml (its _target_ is verl_diffusion_rollout.config.DiffusionRolloutConfig)"
+                "configs/rollout/diffusion.yaml (its _target_ is verl_diffusion_rollout.verl_config.DiffusionRolloutConfig)"
             )
         if not isinstance(self.model_config, DiffusionModelConfig):
             raise TypeError(
                 f"model config must be a DiffusionModelConfig, got {type(self.model_config).__name__}; use "
-                "configs/model/qwen_image.yaml (its _target_ is verl_diffusion_rollout.config.DiffusionModelConfig)"
+                "configs/model/qwen_image.yaml (its _target_ is verl_diffusion_rollout.verl_config.DiffusionModelConfig)"
             )
         self.replica_rank = replica_rank
         self.is_leader_rank = True

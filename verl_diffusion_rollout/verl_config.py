@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from verl.workers.config import HFModelConfig, RolloutConfig
 
 from .config import (
+    ATTENTION_BACKENDS,
     QWEN_IMAGE_ATTENTION_MODULES,
     DiffusionSamplingConfig,
     LoRASyncConfig,
@@ -73,8 +74,6 @@ class DiffusionRolloutConfig(RolloutConfig):
             raise ValueError(f"rollout.engine must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"rollout.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        from .pipelines.qwenimage import ATTENTION_BACKENDS
-
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"rollout.attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"

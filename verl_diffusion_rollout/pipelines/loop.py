@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import DiffusionSamplingConfig
+from ..config import ATTENTION_BACKENDS, DiffusionSamplingConfig
 from ..contract import DEBUG_KEYS, FAMILY_ENV_KEYS, RolloutBatch
 from ..errors import GenerationCancelled
 from ..scheduler import FlowMatchSDEDiscreteScheduler
@@ -45,8 +45,6 @@ __all__ = [
     "run_denoise",
     "run_rollout",
 ]
-
-ATTENTION_BACKENDS = ("auto", "default", "cudnn", "flash", "efficient", "math")
 
 # (x [B, ...] float32, t [B] float32 scheduler timesteps) -> velocity [B, ...] in the transformer's dtype
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

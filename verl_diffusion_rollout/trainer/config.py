@@ -11,7 +11,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from ..config import DiffusionModelConfig, DiffusionRolloutConfig, attention_heads, check_heads
+from ..config import attention_heads, check_heads
+from ..verl_config import DiffusionModelConfig, DiffusionRolloutConfig
 from .rewards import check_reward_config
 
 __all__ = [
