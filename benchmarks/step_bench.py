@@ -37,7 +37,8 @@ after the first ``--warmup-steps``, 2 by default; the table says how many were a
 more step per variant with the in-trainer rollout under ``torch.profiler`` and writes its top-ops table next to the
 results. ``--resume`` continues each variant's run from its last checkpoint under ``--work-dir`` and writes one
 after every step (outside the timed step), so a run longer than one command goes on in the next (rows carry the
-run's ``rl_step``). Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
+run's ``rl_step``); ``--budget-s`` starts no step that would end (estimated from the last one) past that many
+seconds after the command's start, so a command under a time limit stops between steps with complete results. Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
 """
 
 from __future__ import annotations
@@ -470,6 +471,8 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
             assert config.actor.micro_batch_size == trainer.config.actor.micro_batch_size
             trainer.config = config
             for k in range(args.steps):
+                if not within_budget(args, samples):
+                    return
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -514,6 +517,7 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
                     args.peak_tflops * 1e12)
                 row["train_matrix_frac"] = work["train"] / m["train_s"] / (args.peak_tflops * 1e12)
                 rows.append(row)
+                args.last_step = (m["step_s"], samples)
                 print(json.dumps(row), flush=True)
                 report()
         if args.profile:
@@ -526,6 +530,25 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+
+def within_budget(args, samples: int) -> bool:
+    """Whether a step of ``samples`` samples, estimated from the last step (scaled by the sample counts), still ends
+    within ``--budget-s`` of the command's start; if not, record why the run stops here (``args.stopped``), so a
+    command under a time limit ends with complete results instead of being killed mid-step."""
+    if args.budget_s is None or args.stopped:
+        return not args.stopped
+    if args.last_step is None:
+        return True
+    last_s, last_samples = args.last_step
+    estimate = last_s * samples / last_samples
+    elapsed = time.perf_counter() - args.started
+    if elapsed + estimate <= args.budget_s:
+        return True
+    args.stopped = (f"stopped by --budget-s {args.budget_s:g}: {elapsed:.0f} s elapsed, the next step "
+                    f"({samples} samples) would take about {estimate:.0f} s")
+    print(args.stopped, flush=True)
+    return False
 
 
 def profile_rollout(args, trainer, name: str) -> dict[str, Any]:
@@ -631,6 +654,7 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
+        *([f"**{meta['stopped']}**", ""] if meta.get("stopped") else []),
         f"## Steady state (mean of the steps after the first {meta.get('warmup_steps', 2)})",
         "",
         "| variant | samples/step | steps averaged | first step s | steady step s | first / steady | steady img/s/GPU | "
@@ -728,6 +752,10 @@ def main() -> None:
     parser.add_argument("--pad-text-encoder", action=argparse.BooleanOptionalAction, default=True,
                         help="allocate the missing text-encoder layers' memory on the GPU")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every variant")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no step that would end (estimated from the last one) more than this many seconds "
+                             "after the command's start: under a time limit the run stops between steps, results "
+                             "complete (with --resume the next command goes on from there)")
     parser.add_argument("--resume", action="store_true",
                         help="go on from each variant's last checkpoint under --work-dir and write one after every "
                              "step (untimed): a run longer than one command continues in the next")
@@ -741,6 +769,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tag", default="", help="appended to the result file names")
     args = parser.parse_args()
+    args.started, args.last_step, args.stopped = time.perf_counter(), None, None
     if args.dit_layers is None:
         args.dit_layers = 60 if args.family == "qwenimage" else 24
     if args.preset == "verl_omni" and args.family != "qwenimage":
@@ -834,7 +863,10 @@ def main() -> None:
 
     for name in variants:
         samples = args.samples if name == "default" else (args.variant_samples or [min(args.samples)])
+        if not within_budget(args, min(samples)):
+            break
         run_variant(args, name, samples, model_path, info, results["rows"], report, extras=results)
+    results["meta"]["stopped"] = args.stopped
     report()
     print(markdown(results))
     print(f"wrote {out / stem}.json and .md")

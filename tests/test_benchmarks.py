@@ -143,3 +143,19 @@ def test_step_bench_resume_goes_on_from_the_last_checkpoint_in_the_next_command(
     md = (tmp_path / "out1" / json_path.name.replace(".json", ".md")).read_text()
     assert "| 1 (RL step 3) |" in md
     assert (tmp_path / "runs" / "default" / "checkpoints" / "step_000004").is_dir()
+
+
+def test_step_bench_budget_stops_between_steps_with_complete_results(tmp_path):
+    """Under a command time limit the bench starts no step it cannot finish: a budget shorter than two steps ends the
+    run after the first, results written and the stop recorded, not a kill in the middle of a step."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--samples", "16", "--steps", "3",
+           "--variants", "default,micro8", "--out", str(tmp_path), "--work-dir", str(tmp_path / "runs")]
+    out = subprocess.run([*cmd, "--budget-s", "0.001"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu_*_step_qwenimage.json")
+    results = json.loads(json_path.read_text())
+    assert [(r["variant"], r["step_in_phase"]) for r in results["rows"]] == [("default", 1)]
+    assert "error" not in results["rows"][0]
+    assert results["meta"]["stopped"].startswith("stopped by --budget-s 0.001")
+    assert "(16 samples) would take about" in results["meta"]["stopped"]
+    assert "**stopped by --budget-s" in json_path.with_suffix(".md").read_text()
