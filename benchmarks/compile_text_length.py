@@ -1,6 +1,6 @@
 """Compiled FlowGRPO over prompts of many lengths: how many graphs each compile design builds, and the step time.
 
-    python benchmarks/compile_text_length.py                     # tiny Qwen-Image on the CPU, the three designs
+    python benchmarks/compile_text_length.py                     # tiny Qwen-Image on the CPU, every design
     python benchmarks/compile_text_length.py --designs dynamic --device cuda --dtype bfloat16
 
 A forward batch must be replayed by the graph that sampled it (issue 19). Designs, each in a fresh process (dynamo's
@@ -10,11 +10,13 @@ update) through :class:`~verl_diffusion_rollout.trainer.flowgrpo.FlowGRPOTrainer
 
 * ``auto``: what the engine did before: each block ``Module.compile()``'d with dynamo's defaults (a second text
   length promotes the dimension to dynamic: a new graph, and the first one stays);
-* ``buckets``: text embeddings padded with masked tokens to a multiple of ``--bucket`` tokens before the rollout
-  (the replay gets the padded environment from the batch), blocks compiled with automatic dynamic shapes off:
+* ``buckets``: the text the transformer sees padded with masked tokens to a multiple of ``--bucket`` tokens
+  (``sampling.text_token_multiple``; the replay pads alike), blocks compiled with automatic dynamic shapes off:
   one static graph per bucket;
 * ``dynamic``: the product (``rollout.compile=true``, :func:`~verl_diffusion_rollout.pipelines.compile.compile_blocks`):
-  automatic dynamic shapes off, the text-token dimension marked dynamic before every block call.
+  automatic dynamic shapes off, the text-token dimension marked dynamic before every block call;
+* ``dynamic_padded``: ``dynamic`` with ``sampling.text_token_multiple=8``, so every text length is a multiple of 8
+  and Inductor's ``% 8`` alignment guards (seen on the GPU with a warm FX-graph cache) cannot split a graph.
 
 Reported per step: dynamo's graphs so far (``unique_graphs``: every graph it built, first compiles and recompiles),
 the step's seconds, the pre-update log-prob gap, and the text lengths the step's forward batches brought.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -42,22 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 CONFIG_DIR = str(ROOT / "configs")
 DEFAULT_PROMPTS = str(ROOT / "benchmarks" / "prompts" / "mixed_lengths.txt")
-DESIGNS = ("auto", "buckets", "dynamic")
-
-
-def pad_env_to_bucket(env: dict[str, torch.Tensor | None], bucket: int, limit: int) -> dict[str, torch.Tensor | None]:
-    """Right-pad each ``[B, S, E]`` text embedding (and its ``[B, S]`` mask, with zeros: masked tokens) to the next
-    multiple of ``bucket`` tokens, at most ``limit``."""
-    out = dict(env)
-    for key in ("prompt_embeds", "negative_prompt_embeds"):
-        embeds, mask = env.get(key), env.get(f"{key}_mask")
-        if embeds is None:
-            continue
-        length = min(limit, max(embeds.shape[1], bucket * math.ceil(embeds.shape[1] / bucket)))
-        extra = length - embeds.shape[1]
-        out[key] = torch.nn.functional.pad(embeds, (0, 0, 0, extra))
-        out[f"{key}_mask"] = torch.nn.functional.pad(mask, (0, extra))
-    return out
+DESIGNS = ("auto", "buckets", "dynamic", "dynamic_padded")
 
 
 def run_design(args) -> dict[str, Any]:
@@ -77,7 +63,10 @@ def run_design(args) -> dict[str, Any]:
         f"actor_rollout_ref.model.path={args.model_path or tiny_qwenimage_path()}",
         f"actor_rollout_ref.rollout.device={args.device}",
         f"actor_rollout_ref.rollout.dtype={args.dtype}",
-        f"actor_rollout_ref.rollout.compile={str(design == 'dynamic').lower()}",
+        f"actor_rollout_ref.rollout.compile={str(design in ('dynamic', 'dynamic_padded')).lower()}",
+        # the product's masked text padding: buckets of --bucket tokens, or multiples of 8 with the dynamic dimension
+        f"actor_rollout_ref.rollout.sampling.text_token_multiple="
+        f"{ {'buckets': args.bucket, 'dynamic_padded': 8}.get(design, 1) }",
         f"actor_rollout_ref.rollout.n={args.n}",
         f"actor_rollout_ref.actor.micro_batch_size={args.n}",
         f"actor_rollout_ref.rollout.sampling.num_steps={args.num_steps}",
@@ -88,7 +77,7 @@ def run_design(args) -> dict[str, Any]:
         f"trainer.total_steps={args.steps}",
         "trainer.save_freq=0",
         "trainer.plot_freq=0",
-        "trainer.logger=[jsonl]",
+        "trainer.logger=[file]",
         "trainer.progress_bar=false",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
@@ -103,12 +92,6 @@ def run_design(args) -> dict[str, Any]:
             block.compile()
     elif design == "buckets":
         compile_blocks(pipe.transformer, None)  # automatic dynamic shapes off, nothing marked dynamic
-        limit = cfg.rollout.sampling.max_sequence_length
-
-        def padded(prompts, sampling, device):
-            return pad_env_to_bucket(encode(prompts, sampling, device), args.bucket, limit)
-
-        pipe.encode_denoising_env = padded  # this benchmark's experiment only; the rollout records the padded env
     sampling = cfg.rollout.sampling
     rows = []
     try:
@@ -204,6 +187,7 @@ def main() -> None:
         "prompts": os.path.relpath(args.prompts, ROOT),
     }
     result = {"info": info, "designs": designs}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"{'CPU' if device == 'CPU' else device.split()[-1]}_{info['date']}_{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))

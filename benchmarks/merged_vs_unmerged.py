@@ -57,7 +57,7 @@ def run_one(family: str, mode: str, seed: int, steps: int, dtype: str, device: s
     with tempfile.TemporaryDirectory() as out_dir:
         overrides = [
             f"trainer.output_dir={out_dir}", f"trainer.total_steps={steps}", f"trainer.seed={seed}",
-            "trainer.save_freq=0", "trainer.plot_freq=0", "trainer.logger=[jsonl]", "trainer.progress_bar=false",
+            "trainer.save_freq=0", "trainer.plot_freq=0", "trainer.logger=[file]", "trainer.progress_bar=false",
             f"actor_rollout_ref.rollout.dtype={dtype}", f"actor_rollout_ref.rollout.device={device}",
             f"actor_rollout_ref.rollout.lora.merge={MODES[mode]}",
         ]

@@ -139,3 +139,41 @@ def test_gap_guard_recomputes_old_log_probs_and_warns(tiny_model_path, tmp_path,
     for key in ("ratio_mean", "clipfrac", "policy_loss", "approx_kl", "grad_norm"):
         assert gapped[key] == exact[key], key
     assert gapped_lora == exact_lora
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_text_token_multiple_pads_every_transformer_text_input_and_replays_exactly(tiny_model_path, tmp_path, multiple):
+    """``sampling.text_token_multiple``: every text input the blocks see, in the rollout and in the replay, has a
+    multiple of that many tokens (masked padding), and the replay still equals the rollout. With 1 (the default) the
+    mixed-length prompts reach the blocks at lengths that are not multiples of 8, so the assertion can fail."""
+    prompts = ",".join(f'"{p}"' for p in PROMPTS)
+    cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=2", "trainer.save_freq=0",
+                       "trainer.plot_freq=0", f"data.prompts=[{prompts}]",
+                       f"actor_rollout_ref.rollout.sampling.text_token_multiple={multiple}")
+    with _trainer(cfg) as trainer:
+        assert trainer.config.rollout.sampling.text_token_multiple == multiple
+        block = trainer.workers.actor.engine.transformer.transformer_blocks[0]
+        seen: list[tuple[int, bool]] = []  # (text tokens, grad mode): rollout calls and replay calls
+
+        def record(_module, args, kwargs):
+            text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+            seen.append((text.shape[1], torch.is_grad_enabled()))
+
+        block.register_forward_pre_hook(record, with_kwargs=True)
+        metrics = [trainer.train_step() for _ in range(2)]
+    lengths = {n for n, _ in seen}
+    assert {grad for _, grad in seen} == {False, True}  # both the rollout and the replay went through the block
+    if multiple == 8:
+        assert all(n % 8 == 0 for n in lengths), sorted(lengths)
+    else:
+        assert any(n % 8 for n in lengths), sorted(lengths)
+    for m in metrics:
+        assert m["logprob_max_abs_diff_pre_update"] == 0.0 and m["old_log_probs_recomputed"] == 0
+
+
+@pytest.mark.parametrize("value", [0, 2000, "8", True])
+def test_text_token_multiple_must_be_a_positive_int(value):
+    from verl_diffusion_rollout.config import DiffusionSamplingConfig
+
+    with pytest.raises(ValueError, match="sampling.text_token_multiple"):
+        DiffusionSamplingConfig(text_token_multiple=value)

@@ -115,6 +115,10 @@ class DiffusionSamplingConfig:
         return_debug: also return ``prev_sample_mean``, ``noise_std``, ``variance_noise``, ``model_output``.
         max_sequence_length: prompt tokens kept after the chat template (Qwen-Image: at most 1024).
         batch_cfg: run the conditional and unconditional passes in one batched forward.
+        text_token_multiple: the transformer sees the text tokens right-padded (masked) to a multiple of this many;
+            the rollout and the replay pad alike. 8 puts every prompt length on one side of the compiler's
+            ``% 8`` alignment guards, so a compiled run cannot split its graphs by text length. 1: no padding.
+            Families with a fixed text length (SD3) are unaffected.
     """
 
     _target_: str = ""  # lets Hydra YAML name the class (as verl's BaseConfig does)
@@ -132,10 +136,11 @@ class DiffusionSamplingConfig:
     return_debug: bool = False
     max_sequence_length: int = 512
     batch_cfg: bool = True
+    text_token_multiple: int = 1
 
     def __post_init__(self) -> None:
         prefix = "sampling."
-        for name in ("height", "width", "num_steps", "sde_window_size", "max_sequence_length"):
+        for name in ("height", "width", "num_steps", "sde_window_size", "max_sequence_length", "text_token_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{prefix}{name} must be an int, got {value!r}")
@@ -172,6 +177,8 @@ class DiffusionSamplingConfig:
             raise ValueError(
                 f"{prefix}guidance_scale must be <= {MAX_GUIDANCE_SCALE} (recipes use 1-10), got {self.guidance_scale}"
             )
+        if not 1 <= self.text_token_multiple <= 1024:
+            raise ValueError(f"{prefix}text_token_multiple must be in 1..1024, got {self.text_token_multiple}")
         if not 1 <= self.max_sequence_length <= 1024:
             raise ValueError(f"{prefix}max_sequence_length must be in 1..1024, got {self.max_sequence_length}")
         if not isinstance(self.negative_prompt, str):

@@ -99,6 +99,7 @@ class DenoisingFamily(ABC):
         height: int,
         width: int,
         latent_shape: Sequence[int],
+        text_token_multiple: int = 1,
     ) -> Any:
         """The transformer's conditioning for one batch, prepared once and reused at every step.
 
@@ -109,6 +110,8 @@ class DenoisingFamily(ABC):
             dtype: the transformer's dtype.
             height, width: image size in pixels.
             latent_shape: ``[B, ...]`` shape of the latents the transformer takes.
+            text_token_multiple: pad variable-length text (masked) to a multiple of this many tokens
+                (:attr:`~verl_diffusion_rollout.config.DiffusionSamplingConfig.text_token_multiple`).
         """
 
     @abstractmethod
@@ -429,6 +432,7 @@ def denoise_encoded(
     cond = pipe.family.condition(
         env, guidance_scale=sampling.guidance_scale, batch_cfg=sampling.batch_cfg, dtype=pipe.transformer.dtype,
         height=sampling.height, width=sampling.width, latent_shape=x.shape,
+        text_token_multiple=sampling.text_token_multiple,
     )
     scheduler = pipe.request_scheduler(sampling.num_steps, image_seq_len=image_seq_len(x), device=device)
     with attention_backend(pipe.attention_backend, device):

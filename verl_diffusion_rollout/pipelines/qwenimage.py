@@ -89,15 +89,22 @@ class TextConditioning:
         guidance_scale: float,
         batch_cfg: bool,
         dtype: torch.dtype,
+        multiple: int = 1,
     ) -> TextConditioning:
-        """Cast to the transformer dtype, pick the masks, and concatenate for batched CFG."""
+        """Cast to the transformer dtype, pick the masks, and concatenate for batched CFG; every text input is
+        right-padded (masked) to a multiple of ``multiple`` tokens."""
         cfg = guidance_scale > 1
         if cfg and negative_prompt_embeds is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs negative_prompt_embeds (true CFG)")
-        cond = prompt_embeds.to(dtype)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [B, S, E] or [B, S] -> S rounded up to the multiple
+            return pad_tokens(t, -(-t.shape[1] // multiple) * multiple)
+
+        cond, prompt_embeds_mask = padded(prompt_embeds.to(dtype)), padded(prompt_embeds_mask)
         if not cfg:
             return cls(cond, _transformer_mask(prompt_embeds_mask), None, None, guidance_scale, False)
-        uncond = negative_prompt_embeds.to(dtype)
+        uncond = padded(negative_prompt_embeds.to(dtype))
+        negative_prompt_embeds_mask = padded(negative_prompt_embeds_mask)
         if batch_cfg:
             length = max(cond.shape[1], uncond.shape[1])
             joint = torch.cat([pad_tokens(cond, length), pad_tokens(uncond, length)])
@@ -212,6 +219,7 @@ class QwenImageFamily(DenoisingFamily):
         height: int,
         width: int,
         latent_shape: Sequence[int],
+        text_token_multiple: int = 1,
     ) -> QwenImageConditioning:
         if len(latent_shape) != 3:
             raise ValueError(f"Qwen-Image latents are packed [B, L, D], got shape {tuple(latent_shape)}")
@@ -223,6 +231,7 @@ class QwenImageFamily(DenoisingFamily):
             guidance_scale=guidance_scale,
             batch_cfg=batch_cfg,
             dtype=dtype,
+            multiple=text_token_multiple,
         )
         factor = patch_factor(height, width, latent_shape[1])
         return QwenImageConditioning(text, img_shapes_for(latent_shape[0], height, width, factor // 2))

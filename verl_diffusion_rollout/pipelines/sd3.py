@@ -154,6 +154,7 @@ class SD3Family(DenoisingFamily):
         height: int,
         width: int,
         latent_shape: Sequence[int],
+        text_token_multiple: int = 1,  # SD3's text has one fixed length (CLIP 77 + T5): nothing to pad
     ) -> SD3Conditioning:
         if len(latent_shape) != 4:
             raise ValueError(f"SD3 latents are [B, C, h, w], got shape {tuple(latent_shape)}")

@@ -85,6 +85,7 @@ class StepReplayer:
             height=self.sampling.height,
             width=self.sampling.width,
             latent_shape=(len(batch), *batch.all_latents.shape[2:]),
+            text_token_multiple=self.sampling.text_token_multiple,
         )
         self.sigmas = batch.all_sigmas.float()
         self.sigma_max = self.sigmas[:, 1] if self.sigmas.shape[1] > 1 else None
