@@ -38,12 +38,14 @@ more step per variant with the in-trainer rollout under ``torch.profiler`` and w
 results. ``--resume`` continues each variant's run from its last checkpoint under ``--work-dir`` and writes one
 after every step (outside the timed step), so a run longer than one command goes on in the next (rows carry the
 run's ``rl_step``); ``--budget-s`` starts no step that would end (estimated from the last one) past that many
-seconds after the command's start, so a command under a time limit stops between steps with complete results. Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
+seconds after the command's start, so a command under a time limit stops between steps with complete results.
+Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -324,7 +326,6 @@ def reward_overrides(args) -> list[str]:
 
 def _to_meta(obj: Any) -> Any:
     """Tensors (also inside dataclasses, lists, tuples) moved to the meta device; everything else as is."""
-    import dataclasses
 
     if isinstance(obj, torch.Tensor):
         return obj.to("meta")
@@ -471,7 +472,7 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
             assert config.actor.micro_batch_size == trainer.config.actor.micro_batch_size
             trainer.config = config
             for k in range(args.steps):
-                if not within_budget(args, samples):
+                if not args.budget.allows(rows, samples):
                     return
                 if cuda:
                     torch.cuda.synchronize()
@@ -517,7 +518,6 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
                     args.peak_tflops * 1e12)
                 row["train_matrix_frac"] = work["train"] / m["train_s"] / (args.peak_tflops * 1e12)
                 rows.append(row)
-                args.last_step = (m["step_s"], samples)
                 print(json.dumps(row), flush=True)
                 report()
         if args.profile:
@@ -532,66 +532,31 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
             torch.cuda.empty_cache()
 
 
-def within_budget(args, samples: int) -> bool:
-    """Whether a step of ``samples`` samples, estimated from the last step (scaled by the sample counts), still ends
-    within ``--budget-s`` of the command's start; if not, record why the run stops here (``args.stopped``), so a
-    command under a time limit ends with complete results instead of being killed mid-step."""
-    if args.budget_s is None or args.stopped:
-        return not args.stopped
-    if args.last_step is None:
-        return True
-    last_s, last_samples = args.last_step
-    estimate = last_s * samples / last_samples
-    elapsed = time.perf_counter() - args.started
-    if elapsed + estimate <= args.budget_s:
-        return True
-    args.stopped = (f"stopped by --budget-s {args.budget_s:g}: {elapsed:.0f} s elapsed, the next step "
-                    f"({samples} samples) would take about {estimate:.0f} s")
-    print(args.stopped, flush=True)
-    return False
+@dataclasses.dataclass
+class StepBudget:
+    """``--budget-s``: start no step that would end more than ``seconds`` after the command's start, estimated from
+    the last measured step (scaled by the sample counts), so a command under a time limit ends between steps with
+    complete results instead of being killed in one. ``stopped`` says why the run stopped (None: it did not)."""
 
+    seconds: float | None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    stopped: str | None = None
 
-def profile_rollout(args, trainer, name: str) -> dict[str, Any]:
-    """One more training step with the in-trainer rollout (the actor's ``generate``) under ``torch.profiler``:
-    the top ops by device time (CPU time on the CPU) go to ``<out>/<stem>_profile_<variant>.txt``; returns the
-    summary (device-busy fraction of the rollout's wall time: below 1 where the host stalls the device)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    actor = trainer.workers.actor
-    original = actor.generate
-    cuda = actor.device.type == "cuda"
-    captured: dict[str, Any] = {}
-
-    def profiled(*a, **kw):
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            result = original(*a, **kw)
-            if cuda:
-                torch.cuda.synchronize()
-            captured["wall_s"] = time.perf_counter() - start
-        captured["prof"] = prof
-        return result
-
-    actor.generate = profiled
-    try:
-        trainer.train_step()
-    finally:
-        del actor.generate  # back to the class's method
-    prof = captured["prof"]
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    averages = prof.key_averages()
-    table = averages.table(sort_by=sort, row_limit=args.profile_rows)
-    path = Path(args.out) / f"{args.stem}_profile_{name}.txt"
-    path.write_text(f"in-trainer rollout of variant {name}, {captured['wall_s']:.2f} s wall\n\n{table}\n")
-    device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) if cuda else 0.0
-    top = sorted(averages, key=lambda e: getattr(e, sort), reverse=True)[:10]
-    return {
-        "file": path.name,
-        "wall_s": captured["wall_s"],
-        "device_busy_frac": device_us / 1e6 / captured["wall_s"] if cuda else None,
-        "top": [{"op": e.key, "self_ms": getattr(e, sort) / 1e3, "calls": e.count} for e in top],
-    }
+    def allows(self, rows: list[dict], samples: int) -> bool:
+        """Whether a step of ``samples`` samples still fits, given the rows measured so far."""
+        if self.stopped is not None:
+            return False
+        last = next((r for r in reversed(rows) if "step_s" in r), None)
+        if self.seconds is None or last is None:
+            return True
+        estimate = last["step_s"] * samples / last["samples"]
+        elapsed = time.perf_counter() - self.started
+        if elapsed + estimate <= self.seconds:
+            return True
+        self.stopped = (f"stopped by --budget-s {self.seconds:g}: {elapsed:.0f} s elapsed, the next step "
+                        f"({samples} samples) would take about {estimate:.0f} s")
+        print(self.stopped, flush=True)
+        return False
 
 
 def _step_label(row: dict) -> str:
@@ -769,7 +734,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--tag", default="", help="appended to the result file names")
     args = parser.parse_args()
-    args.started, args.last_step, args.stopped = time.perf_counter(), None, None
+    args.budget = StepBudget(args.budget_s)
     if args.dit_layers is None:
         args.dit_layers = 60 if args.family == "qwenimage" else 24
     if args.preset == "verl_omni" and args.family != "qwenimage":
@@ -863,10 +828,10 @@ def main() -> None:
 
     for name in variants:
         samples = args.samples if name == "default" else (args.variant_samples or [min(args.samples)])
-        if not within_budget(args, min(samples)):
+        if not args.budget.allows(results["rows"], min(samples)):
             break
         run_variant(args, name, samples, model_path, info, results["rows"], report, extras=results)
-    results["meta"]["stopped"] = args.stopped
+    results["meta"]["stopped"] = args.budget.stopped
     report()
     print(markdown(results))
     print(f"wrote {out / stem}.json and .md")
