@@ -141,15 +141,19 @@ def test_gap_guard_recomputes_old_log_probs_and_warns(tiny_model_path, tmp_path,
     assert gapped_lora == exact_lora
 
 
-@pytest.mark.parametrize("multiple", [1, 8])
-def test_text_token_multiple_pads_every_transformer_text_input_and_replays_exactly(tiny_model_path, tmp_path, multiple):
+@pytest.mark.parametrize("multiple, dtype, micro", [(1, "float32", 4), (8, "float32", 4), (8, "bfloat16", 2),
+                                                   (8, "float32", 8)])
+def test_text_token_multiple_pads_every_transformer_text_input_and_replays_exactly(tiny_model_path, tmp_path, multiple,
+                                                                                  dtype, micro):
     """``sampling.text_token_multiple``: every text input the blocks see, in the rollout and in the replay, has a
-    multiple of that many tokens (masked padding), and the replay still equals the rollout. With 1 (the default) the
-    mixed-length prompts reach the blocks at lengths that are not multiples of 8, so the assertion can fail."""
+    multiple of that many tokens (masked padding), and the replay still equals the rollout, in float32 and bfloat16
+    and at other forward batches. With 1 (the default) the mixed-length prompts reach the blocks at lengths that are
+    not multiples of 8, so the assertion can fail."""
     prompts = ",".join(f'"{p}"' for p in PROMPTS)
     cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=2", "trainer.save_freq=0",
                        "trainer.plot_freq=0", f"data.prompts=[{prompts}]",
-                       f"actor_rollout_ref.rollout.sampling.text_token_multiple={multiple}")
+                       f"actor_rollout_ref.rollout.sampling.text_token_multiple={multiple}",
+                       f"actor_rollout_ref.rollout.dtype={dtype}", f"actor_rollout_ref.actor.micro_batch_size={micro}")
     with _trainer(cfg) as trainer:
         assert trainer.config.rollout.sampling.text_token_multiple == multiple
         block = trainer.workers.actor.engine.transformer.transformer_blocks[0]
