@@ -60,6 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import kernel_breakdown  # noqa: E402
 import verl_diffusion_rollout  # noqa: E402,F401  (registers the rollout and the config resolvers)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -532,6 +533,55 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
             torch.cuda.empty_cache()
 
 
+def profile_rollout(args, trainer, name: str) -> dict[str, Any]:
+    """One more training step with the in-trainer rollout (the actor's ``generate``) under ``torch.profiler``:
+    the top ops by device time (CPU time on the CPU) go to ``<out>/<stem>_profile_<variant>.txt``; returns the
+    summary (device-busy fraction of the rollout's wall time: below 1 where the host stalls the device)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    actor = trainer.workers.actor
+    original = actor.generate
+    cuda = actor.device.type == "cuda"
+    captured: dict[str, Any] = {}
+
+    def profiled(*a, **kw):
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            result = original(*a, **kw)
+            if cuda:
+                torch.cuda.synchronize()
+            captured["wall_s"] = time.perf_counter() - start
+        captured["prof"] = prof
+        return result
+
+    actor.generate = profiled
+    try:
+        trainer.train_step()
+    finally:
+        del actor.generate  # back to the class's method
+    prof = captured["prof"]
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=args.profile_rows)
+    path = Path(args.out) / f"{args.stem}_profile_{name}.txt"
+    path.write_text(f"in-trainer rollout of variant {name}, {captured['wall_s']:.2f} s wall\n\n{table}\n")
+    # device time is the kernels' own (events on the device, as torch's "Self CUDA time total" sums them): the ops
+    # that launch them report the same time again and would count it twice
+    kernels = [(e.key, e.self_device_time_total) for e in averages
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation] if cuda else []
+    device_us = sum(us for _, us in kernels)
+    top = sorted(averages, key=lambda e: getattr(e, sort), reverse=True)[:10]
+    return {
+        "file": path.name,
+        "wall_s": captured["wall_s"],
+        "device_busy_frac": device_us / 1e6 / captured["wall_s"] if cuda else None,
+        "kernel_breakdown": kernel_breakdown.breakdown(kernels) if cuda else None,
+        "top": [{"op": e.key, "self_ms": getattr(e, sort) / 1e3, "calls": e.count} for e in top],
+    }
+
+
 @dataclasses.dataclass
 class StepBudget:
     """``--budget-s``: start no step that would end more than ``seconds`` after the command's start, estimated from
@@ -681,6 +731,9 @@ def markdown(results: dict) -> str:
                   + (f", device busy {busy:.0%} of it" if busy is not None else "") + f"; table in `{p['file']}`.",
                   "", "| op | self ms | calls |", "|---|---|---|"]
         lines += [f"| `{t['op'][:60]}` | {t['self_ms']:.1f} | {t['calls']} |" for t in p["top"]]
+        if p.get("kernel_breakdown"):
+            lines += ["", f"Device time by kernel kind ({variant}):", "",
+                      kernel_breakdown.markdown(p["kernel_breakdown"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -159,3 +159,86 @@ def test_step_bench_budget_stops_between_steps_with_complete_results(tmp_path):
     assert results["meta"]["stopped"].startswith("stopped by --budget-s 0.001")
     assert "(16 samples) would take about" in results["meta"]["stopped"]
     assert "**stopped by --budget-s" in json_path.with_suffix(".md").read_text()
+
+
+def test_step_bench_profile_writes_the_in_trainer_rollout_top_ops(tmp_path):
+    """``--profile``: one more step per variant with the actor's rollout under torch.profiler; its top-ops table is
+    written beside the results and summarised in them (the bug this pins: ``--profile`` once named a function that
+    did not exist, and only a GPU run would have found it)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--samples", "16", "--steps", "1",
+           "--variants", "default", "--profile", "--profile-rows", "12", "--out", str(tmp_path),
+           "--work-dir", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu_*_step_qwenimage.json")
+    results = json.loads(json_path.read_text())
+    profile = results["profiles"]["default"]
+    table = (tmp_path / profile["file"]).read_text()
+    assert table.startswith("in-trainer rollout of variant default") and "Self CPU" in table
+    assert profile["wall_s"] > 0 and profile["device_busy_frac"] is None  # no device on the CPU
+    assert 1 <= len(profile["top"]) <= 10 and all(t["self_ms"] >= 0 and t["calls"] >= 1 for t in profile["top"])
+    assert [r["step_in_phase"] for r in results["rows"]] == [1]  # the profiled step is not a timed row
+    assert profile["file"] in json_path.with_suffix(".md").read_text()
+
+
+def test_kernel_breakdown_counts_kernel_rows_once_by_kind():
+    """``kernel_breakdown`` on a profile table the H200 wrote: only kernel rows (no host time) count, so the ops that
+    launch kernels (``aten::addmm``) and host markers (``Command Buffer Full``) do not count their time twice; the
+    kinds and the rest below the table add up to torch's own device total."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_breakdown as kb
+
+    table = (ROOT / "benchmarks" / "results" / "H200_2026-12-03_step_qwenimage_profile_profile_default.txt").read_text()
+    kernels, total_us = kb.parse_table(table)
+    names = [name for name, _ in kernels]
+    assert total_us == pytest.approx(11.659e6)
+    assert "aten::addmm" not in names and "Command Buffer Full" not in names and "cudaStreamIsCapturing" not in names
+    assert ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT", pytest.approx(4.659e6)) in kernels
+    rows = kb.breakdown(kernels, total_us)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["ms"] for r in rows) == pytest.approx(total_us / 1e3)
+    assert rows[0]["kind"] == "matrix multiply" and rows[-1]["kind"] == "below the table"
+    kinds = {r["kind"]: r for r in rows}
+    # the Triton kernels inductor fuses around attention carry its name but are not attention
+    assert kinds["attention"]["kernels"] == 1
+    fused_near_attention = "triton_poi_fused__scaled_dot_product_cudnn_attention_3"
+    assert kb.kernel_kind(fused_near_attention) == "other fused elementwise (Triton)"
+    assert kb.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc") == "convolution (VAE)"
+    assert kb.kernel_kind("some_new_kernel") == "other kernels"
+    assert "| matrix multiply | 7983.2 | 68.5% | 4 |" in kb.markdown(rows)
+
+
+def test_kernel_breakdown_refuses_what_it_cannot_read():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_breakdown as kb
+
+    with pytest.raises(ValueError, match="Self CUDA"):
+        kb.parse_table("Name  Self CPU %  Self CPU  CPU total %  CPU total  CPU time avg  # of Calls\n")
+    with pytest.raises(ValueError, match="total_us 1.0 is below the listed kernels' 5.0 us"):
+        kb.breakdown([("nvjet_a", 5.0)], total_us=1.0)
+    assert kb.breakdown([("nvjet_a", 3.0), ("triton_poi_fused_gelu_1", 1.0)]) == [
+        {"kind": "matrix multiply", "ms": 0.003, "share": 0.75, "kernels": 1},
+        {"kind": "GELU (Triton)", "ms": 0.001, "share": 0.25, "kernels": 1},
+    ]
+
+
+def test_step_bench_verl_omni_preset_runs_with_the_colocated_vlm_reward(tmp_path):
+    """``--preset verl_omni`` on the tiny model (at 64px, by ``--override``, to keep CI short): verl-omni's LoRA (r64
+    on twelve projections), 16 per prompt, its SDE window, half the step's prompts per optimizer step and the
+    colocated VLM reward scoring every image; the step replays exactly. The GPU run of the preset goes this path."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_bench.py"), "--tiny", "--preset", "verl_omni",
+           "--prompts-per-step", "2", "--steps", "1", "--out", str(tmp_path), "--work-dir", str(tmp_path / "runs"),
+           "--override", "actor_rollout_ref.rollout.sampling.height=64", "actor_rollout_ref.rollout.sampling.width=64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (json_path,) = tmp_path.glob("cpu_*_step_qwenimage_verl_omni.json")
+    results = json.loads(json_path.read_text())
+    meta = results["meta"]
+    assert meta["preset"] == "verl_omni" and meta["group_size"] == 16
+    assert meta["lora_rank"] == 64 and meta["lora_targets"] == 12
+    assert "img_mlp.net.0.proj" in meta["lora_target_modules"] and "txt_mlp.net.2" in meta["lora_target_modules"]
+    assert meta["reward"].startswith("vlm_ocr: a colocated tiny Qwen3-VL")
+    (row,) = results["rows"]
+    assert row["samples"] == 32 and "error" not in row
+    assert row["logprob_max_abs_diff_pre_update"] == 0.0
+    assert row["reward_s"] > 0  # the VLM scored the images inside the timed step

@@ -148,11 +148,14 @@ def _assert_optimizer_state_on_param_devices(optimizer) -> int:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
-def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, dtype, compile):
+@pytest.mark.parametrize(("compile", "text_token_multiple"), [(False, 1), (True, 1), (True, 8)],
+                         ids=["eager", "compile", "compile_pad8"])
+def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, dtype, compile,
+                                                        text_token_multiple):
     """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
     in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
-    log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs)."""
+    log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs).
+    ``compile_pad8`` is the shipped GPU recipe's text padding (``sampling.text_token_multiple: 8``)."""
     from torch._dynamo.utils import counters
 
     if compile:  # a fresh recompile budget: the compiled block forward is one code object for every engine here
@@ -160,7 +163,9 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
     # prompts of 3 to 56 words: the forward batches bring many text lengths, none of which may recompile a block
     cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.total_steps=3", "data.prompts=null",
                        f"data.train_files={MIXED_PROMPTS}",
-                       *_cuda_overrides(dtype, f"actor_rollout_ref.rollout.compile={str(compile).lower()}"))
+                       *_cuda_overrides(dtype, f"actor_rollout_ref.rollout.compile={str(compile).lower()}",
+                                        "actor_rollout_ref.rollout.sampling.text_token_multiple="
+                                        f"{text_token_multiple}"))
     with _flowgrpo_trainer(cfg) as trainer:
         actor = trainer.workers.actor
         engine = actor.engine
@@ -173,7 +178,9 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
         history += [trainer.train_step() for _ in range(2)]
 
         diffs = [h["logprob_max_abs_diff_pre_update"] for h in history]
-        print(f"{dtype} compile={compile}: logprob max |diff| pre-update by step = {diffs}, "
+        assert trainer.config.rollout.sampling.text_token_multiple == text_token_multiple
+        print(f"{dtype} compile={compile} text_token_multiple={text_token_multiple}: "
+              f"logprob max |diff| pre-update by step = {diffs}, "
               f"graphs after step 1 / 3: {graphs} / {counters['stats']['unique_graphs']}")
         assert counters["stats"]["unique_graphs"] == graphs, "a block recompiled after step 1"
         assert all(d <= 1e-6 for d in diffs), diffs

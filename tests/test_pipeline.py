@@ -64,7 +64,8 @@ def test_same_seed_same_sample_and_fresh_seeds_differ(engine, small_sampling):
 def test_ode_rollout_is_bit_identical_to_stock_diffusers_pipeline(tiny_model_path, dtype):
     engine = DiffusersEngine(tiny_model_path, dtype=dtype)
     sampling = DiffusionSamplingConfig(
-        height=64, width=64, num_steps=5, guidance_scale=4.0, sde_type="ode", batch_cfg=False, negative_prompt="blurry"
+        height=64, width=64, num_steps=5, guidance_scale=4.0, sde_type="ode", batch_cfg=False, negative_prompt="blurry",
+        text_token_multiple=1,  # the default; padded text (masked) moves the attention's rounding away from stock's
     )
     init = torch.randn(1, 64, 16, generator=torch.Generator().manual_seed(7)).to(dtype)
     ours = engine.pipe([PROMPTS[1]], seeds=[0], sampling=sampling, latents=init.float())

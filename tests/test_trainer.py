@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import verl_diffusion_rollout  # noqa: F401
+from verl_diffusion_rollout.config import DiffusionSamplingConfig
 from verl_diffusion_rollout.main_flowgrpo import run
 from verl_diffusion_rollout.trainer.advantages import group_advantages
 from verl_diffusion_rollout.trainer.checkpoint import latest_checkpoint, load_checkpoint
@@ -359,6 +360,9 @@ def test_gpu_recipes_compose_and_validate(tiny_model_path, tmp_path, name):
     assert config.model.lora_rank == 32 and config.model.lora_alpha == 64
     assert config.actor.lr == 3e-4 and config.actor.clip_range == 1e-4 and config.actor.max_grad_norm == 1.0
     assert sampling.sde_window_size == 2 and sampling.sde_window_range == [0, 5]
+    # compiled recipes pad the text to a multiple of 8 tokens (the rollout's own default is 1: no padding)
+    assert config.rollout.compile and sampling.text_token_multiple == 8
+    assert DiffusionSamplingConfig().text_token_multiple == 1
     if name.endswith("fast"):
         assert sampling.guidance_scale == 1.0 and sampling.sde_type == "cps" and sampling.noise_level == 0.8
     else:
