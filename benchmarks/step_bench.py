@@ -20,9 +20,10 @@ default of ``--preset verl_omni``) the ``vlm_ocr`` reward of a colocated vision-
 architecture and size (random bf16 weights, saved once under ``--model-dir``), scoring every image on the same GPU
 while the next forward batch samples; its time is in the step. Phases of ``--samples`` samples per step (groups of
 the recipe's ``rollout.n``) run ``--steps`` steps each on one loaded model. ``--variants`` repeats the run with other
-settings (forward batch 4/8/16, gradient checkpointing on/off, CFG batched or as two forwards, unmerged LoRA...),
-each on a fresh trainer; every variant and every run share one compile cache (``--compile-cache-dir``), so a
-second run's first step shows the warm-cache compile cost.
+settings (forward batch 4/8/16, gradient checkpointing on/off or of N blocks, a partitioner activation budget, CFG
+batched or as two forwards, unmerged LoRA...), each on a fresh trainer that compiles as a fresh process would; every
+variant and every run share one compile cache (``--compile-cache-dir``), so a second run's first step shows the
+warm-cache compile cost.
 
 ``--preset verl_omni`` is verl-omni's Qwen-Image job: r64 / alpha 128 on its twelve projections (joint attention and
 both MLPs), 16 samples per prompt, 512px, 10 steps, CFG 4, a 2-step SDE window in [0, 5), noise 1.2, half the
@@ -87,9 +88,10 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def variant_overrides(name: str) -> list[str]:
-    """The Hydra overrides of a variant: ``+``-joined parts, each a key of ``VARIANTS`` or ``ckpt<N>`` (gradient
-    checkpointing of the first N transformer blocks only, the rest keeping their activations), e.g.
-    ``micro8+ckpt40``. ``KeyError`` naming the unknown part."""
+    """The Hydra overrides of a variant: ``+``-joined parts, each a key of ``VARIANTS``, ``ckpt<N>`` (gradient
+    checkpointing of the first N transformer blocks only, the rest keeping their activations) or ``amb<P>`` (no
+    gradient checkpointing; the compiled blocks keep P% of their activations for backward and recompute the rest:
+    ``actor.activation_memory_budget``), e.g. ``micro8+ckpt40``, ``amb30``. ``KeyError`` naming the unknown part."""
     overrides: list[str] = []
     for part in name.split("+"):
         if part in VARIANTS:
@@ -97,8 +99,12 @@ def variant_overrides(name: str) -> list[str]:
         elif part.startswith("ckpt") and part[4:].isdigit():
             overrides += ["actor_rollout_ref.actor.gradient_checkpointing=true",
                           f"actor_rollout_ref.actor.checkpoint_blocks={int(part[4:])}"]
+        elif part.startswith("amb") and part[3:].isdigit() and int(part[3:]) <= 100:
+            overrides += ["actor_rollout_ref.actor.gradient_checkpointing=false",
+                          f"actor_rollout_ref.actor.activation_memory_budget={int(part[3:]) / 100:g}"]
         else:
-            raise KeyError(f"unknown variant part {part!r} of {name!r}; known: {sorted(VARIANTS)} or ckpt<N>")
+            raise KeyError(f"unknown variant part {part!r} of {name!r}; known: {sorted(VARIANTS)}, ckpt<N> or "
+                           "amb<P> (P in 0..100)")
     return overrides
 WORDS = "a an the red green blue cat dog photo of on in with sky city tree house car flower bird".split()
 VERL_OMNI_IMG_PER_GPU_S = 0.305  # verl-omni docs/algo/performance.md: Qwen-Image LoRA, 4 x H800, 32 x 16 per step
@@ -453,11 +459,17 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
     from verl_diffusion_rollout.compile_cache import compile_cache_stats
     from verl_diffusion_rollout.trainer.flowgrpo import FlowGRPOTrainer
 
+    import torch._functorch.config as functorch_config
+
     extras = {} if extras is None else extras
     overrides = variant_overrides(name)
     out_dir = Path(args.work_dir) / name
     configs = {s: compose_config(args, model_path, s, overrides, out_dir) for s in samples_list}
     cuda = torch.cuda.is_available() and configs[samples_list[0]].rollout.device != "cpu"
+    # Each variant compiles as a fresh process would (from the on-disk cache, not this process's earlier graphs), and
+    # a variant's process-wide partitioner budget (amb<P>) does not outlive it.
+    torch._dynamo.reset()
+    budget = functorch_config.activation_memory_budget
     start = time.perf_counter()
     trainer = FlowGRPOTrainer(configs[samples_list[0]])
     load_s = time.perf_counter() - start
@@ -529,6 +541,7 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
         trainer.close()
         del trainer
         gc.collect()
+        functorch_config.activation_memory_budget = budget
         if cuda:
             torch.cuda.empty_cache()
 
@@ -749,8 +762,9 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=16, help="with --preset verl_omni")
     parser.add_argument("--steps", type=int, default=2, help="steps per batch size (the first includes warm-up)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state mean")
-    parser.add_argument("--variants", default="default", help=f"comma-separated, each {sorted(VARIANTS)} or ckpt<N>, "
-                        "joined with + (micro8+ckpt40)")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma-separated, each {sorted(VARIANTS)}, ckpt<N> or amb<P>, joined with + "
+                             "(micro8+ckpt40)")
     parser.add_argument("--variant-samples", type=int, nargs="+", default=None,
                         help="batch sizes of the non-default variants (default: the smallest of --samples)")
     parser.add_argument("--prompts-file", "--prompt-file", dest="prompts_file", default=None,

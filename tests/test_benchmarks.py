@@ -117,8 +117,12 @@ def test_step_bench_variant_names_compose_and_unknown_parts_are_named():
     assert variant_overrides("micro8+ckpt40") == VARIANTS["micro8"] + [
         "actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=40"]
     assert variant_overrides("default") == []
+    assert variant_overrides("amb30") == ["actor_rollout_ref.actor.gradient_checkpointing=false",
+                                          "actor_rollout_ref.actor.activation_memory_budget=0.3"]
     with pytest.raises(KeyError, match="'micro9'"):
         variant_overrides("micro8+micro9")
+    with pytest.raises(KeyError, match=r"'amb150'.*amb<P> \(P in 0\.\.100\)"):
+        variant_overrides("amb150")
 
 
 def test_step_bench_resume_goes_on_from_the_last_checkpoint_in_the_next_command(tmp_path):

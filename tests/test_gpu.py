@@ -148,15 +148,21 @@ def _assert_optimizer_state_on_param_devices(optimizer) -> int:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("compile", "text_token_multiple"), [(False, 1), (True, 1), (True, 8)],
-                         ids=["eager", "compile", "compile_pad8"])
-def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, dtype, compile,
-                                                        text_token_multiple):
+@pytest.mark.parametrize(("compile", "text_token_multiple", "memory_budget"),
+                         [(False, 1, None), (True, 1, None), (True, 8, None), (True, 8, 0.3)],
+                         ids=["eager", "compile", "compile_pad8", "compile_pad8_amb30"])
+def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, monkeypatch, dtype, compile,
+                                                        text_token_multiple, memory_budget):
     """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
     in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
     log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs).
-    ``compile_pad8`` is the shipped GPU recipe's text padding (``sampling.text_token_multiple: 8``)."""
+    ``compile_pad8`` is the shipped GPU recipe's text padding (``sampling.text_token_multiple: 8``);
+    ``compile_pad8_amb30`` adds ``actor.activation_memory_budget=0.3`` (the partitioner recomputes part of the
+    activations in backward: the forward graph, and so the gap, must not change)."""
+    import torch._functorch.config as functorch_config
     from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)  # process-wide: restored afterwards
 
     if compile:  # a fresh recompile budget: the compiled block forward is one code object for every engine here
         torch._dynamo.reset()
@@ -165,7 +171,9 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
                        f"data.train_files={MIXED_PROMPTS}",
                        *_cuda_overrides(dtype, f"actor_rollout_ref.rollout.compile={str(compile).lower()}",
                                         "actor_rollout_ref.rollout.sampling.text_token_multiple="
-                                        f"{text_token_multiple}"))
+                                        f"{text_token_multiple}",
+                                        *([f"++actor_rollout_ref.actor.activation_memory_budget={memory_budget}"]
+                                          if memory_budget is not None else [])))
     with _flowgrpo_trainer(cfg) as trainer:
         actor = trainer.workers.actor
         engine = actor.engine
@@ -179,6 +187,7 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
 
         diffs = [h["logprob_max_abs_diff_pre_update"] for h in history]
         assert trainer.config.rollout.sampling.text_token_multiple == text_token_multiple
+        assert functorch_config.activation_memory_budget == (1.0 if memory_budget is None else memory_budget)
         print(f"{dtype} compile={compile} text_token_multiple={text_token_multiple}: "
               f"logprob max |diff| pre-update by step = {diffs}, "
               f"graphs after step 1 / 3: {graphs} / {counters['stats']['unique_graphs']}")

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILED_GRAPHS_PER_BLOCK", "CompiledBlocks", "compile_blocks", "mark_dynamic_dim"]
+__all__ = ["COMPILED_GRAPHS_PER_BLOCK", "CompiledBlocks", "compile_blocks", "mark_dynamic_dim",
+           "set_activation_memory_budget"]
 
 COMPILED_GRAPHS_PER_BLOCK = 64  # torch._dynamo recompile limit set when the blocks are compiled
 
@@ -38,6 +39,23 @@ def mark_dynamic_dim(tensor: torch.Tensor | None, dim: int) -> None:
     left to dynamo, which specialises it rather than failing)."""
     if tensor is not None:
         torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def set_activation_memory_budget(budget: float) -> None:
+    """Bound what the compiled blocks' training graphs keep for backward: AOT autograd's partitioner
+    (``torch._functorch.config.activation_memory_budget``) saves at most ``budget`` (0..1) of the activations its
+    runtime-optimal split would keep and recomputes the rest in the backward pass, cheapest first by FLOPs (so the
+    elementwise ops before the matrix multiplies). 0 is whole-region recompute, 1 torch's default.
+
+    The setting is process-wide and read when a graph compiles: call it before the first autograd-mode block call
+    (graphs compiled earlier in the process keep their split). The forward values do not change, and the rollout's
+    autograd-mode steps and the replay run the same forward graph, so replayed log-probs stay equal to the rollout's.
+    """
+    import torch._functorch.config as functorch_config
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1:
+        raise ValueError(f"activation memory budget must be a number in [0, 1], got {budget!r}")
+    functorch_config.activation_memory_budget = float(budget)
 
 
 @dataclass

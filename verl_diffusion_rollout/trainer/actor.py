@@ -28,6 +28,7 @@ import torch
 from verl import DataProto
 
 from ..contract import RolloutBatch
+from ..pipelines.compile import set_activation_memory_budget
 from ..rollout import from_data_proto
 from ..sde import to_device_async
 from .config import FlowGRPOConfig
@@ -111,6 +112,8 @@ class FlowGRPOActor:
         self.config = config
         self.all_reduce = all_reduce
         self.micro = config.actor.micro_batch_size
+        if config.actor.activation_memory_budget is not None:  # before the engine exists, so before any compile
+            set_activation_memory_budget(config.actor.activation_memory_budget)
         rollout_cls = get_rollout_class("diffusion", "async")
         self.rollout = rollout_cls(config=config.rollout, model_config=config.model, device_mesh=device_mesh)
         self.engine = self.rollout.engine

@@ -77,6 +77,9 @@ class ActorConfig:
     ``gradient_checkpointing`` recomputes the transformer blocks' activations in the backward pass instead of keeping
     them; ``checkpoint_blocks`` (with it) recomputes only the first N blocks and keeps the rest, a step between the
     two for a GPU with memory to spare (each kept block saves one block forward per replayed step; ``None``: all).
+    ``activation_memory_budget`` (with ``rollout.compile`` and without ``gradient_checkpointing``): the compiled
+    blocks keep at most this fraction (0..1) of the activations they would keep for backward and recompute the
+    rest, cheapest first (AOT autograd's partitioner, process-wide); ``None`` leaves torch's default (1).
     ``recompute_old_log_probs``: take the ratio's old log-probs from a replay before the update (verl's PPO does
     this) instead of the rollout's; they are equal here, so it only costs one forward per trained step.
     ``kl_convention`` (with ``kl_beta > 0``): ``flowgrpo`` is FlowGRPO's term, ``mean((mu - mu_ref)**2) /
@@ -104,6 +107,7 @@ class ActorConfig:
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
     checkpoint_blocks: Optional[int] = None
+    activation_memory_budget: Optional[float] = None
     recompute_old_log_probs: bool = False
     ulysses_sequence_parallel_size: int = 1
     max_skipped_steps: int = 3
@@ -141,6 +145,14 @@ class ActorConfig:
             if not self.gradient_checkpointing:
                 raise ValueError(f"{key}checkpoint_blocks={self.checkpoint_blocks} needs "
                                  f"{key}gradient_checkpointing=true (without it no block is recomputed)")
+        budget = self.activation_memory_budget
+        if budget is not None:
+            if not _is_number(budget) or not 0 <= budget <= 1:
+                raise ValueError(f"{key}activation_memory_budget must be a number in [0, 1] or null, got {budget!r}")
+            if self.gradient_checkpointing:
+                raise ValueError(f"{key}activation_memory_budget={budget} bounds what the compiled blocks keep for "
+                                 f"backward; {key}gradient_checkpointing=true recomputes whole blocks instead: set "
+                                 "one of the two")
 
 
 @dataclass
@@ -409,6 +421,11 @@ class FlowGRPOConfig:
                 f"data.samples_per_step={samples}"
             )
         actor.micro_batch_size, actor.mini_batch_size = micro, mini
+        if actor.activation_memory_budget is not None and not rollout.compile:
+            raise ValueError(
+                f"actor_rollout_ref.actor.activation_memory_budget={actor.activation_memory_budget} sets how the "
+                "compiled blocks split their training graphs; it needs actor_rollout_ref.rollout.compile=true"
+            )
         data.load_prompts()  # fail now on a missing prompt file
         data.load_val_prompts()
         model = omega_conf_to_dataclass(cfg.actor_rollout_ref.model)
