@@ -55,3 +55,14 @@ def sd3_sampling():
     return DiffusionSamplingConfig(
         height=64, width=64, num_steps=4, guidance_scale=4.5, noise_level=0.7, negative_prompt="", max_sequence_length=16
     )
+
+
+@pytest.fixture
+def default_activation_memory_budget():
+    """torch's default partitioner budget (1.0) for the test, whatever the test sets it to, and the previous value
+    back afterwards: ``actor.activation_memory_budget`` is process-wide (``torch._functorch.config``), and a
+    config module's ``patch`` restores it where pytest's ``monkeypatch`` would not."""
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(activation_memory_budget=1.0):
+        yield functorch_config

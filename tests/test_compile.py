@@ -183,15 +183,15 @@ def test_text_token_multiple_must_be_a_positive_int(value):
         DiffusionSamplingConfig(text_token_multiple=value)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_activation_memory_budget_keeps_fewer_activations_and_trains_the_same(tiny_model_path, tmp_path,
-                                                                               monkeypatch):
+                                                                               default_activation_memory_budget, dtype):
     """``actor.activation_memory_budget``: the compiled blocks' training graphs keep a fraction of their activations
-    for backward and recompute the rest. Over one compiled training step (tiny Qwen-Image, fp32, blocks compiled with
+    for backward and recompute the rest. Over one compiled training step (tiny Qwen-Image, fp32 and bf16, prompts of
+    different lengths, blocks compiled with
     ``aot_eager_decomp_partition``, which splits with the same AOT autograd partitioner as Inductor), a budget of 0.1
     saves less than half the bytes, replays exactly, and trains the same LoRA to float32 rounding."""
-    import torch._functorch.config as functorch_config
-
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)  # torch's default, restored afterwards
+    functorch_config = default_activation_memory_budget  # torch's default budget, restored afterwards
     prompts = ",".join(f'"{p}"' for p in PROMPTS[:2])
     runs = {}
     for budget in (None, 0.1):
@@ -199,7 +199,7 @@ def test_activation_memory_budget_keeps_fewer_activations_and_trains_the_same(ti
         extra = [] if budget is None else [f"++actor_rollout_ref.actor.activation_memory_budget={budget}"]
         cfg = compose_tiny(tiny_model_path, tmp_path / f"run_{budget}", "trainer.total_steps=1", "trainer.save_freq=0",
                            "trainer.plot_freq=0", f"data.prompts=[{prompts}]", "data.samples_per_step=16",
-                           "actor_rollout_ref.rollout.compile=true", *extra)
+                           "actor_rollout_ref.rollout.compile=true", f"actor_rollout_ref.rollout.dtype={dtype}", *extra)
         with _trainer(cfg) as trainer:
             assert functorch_config.activation_memory_budget == (1.0 if budget is None else budget)
             engine = trainer.workers.actor.engine

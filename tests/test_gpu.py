@@ -151,18 +151,17 @@ def _assert_optimizer_state_on_param_devices(optimizer) -> int:
 @pytest.mark.parametrize(("compile", "text_token_multiple", "memory_budget"),
                          [(False, 1, None), (True, 1, None), (True, 8, None), (True, 8, 0.3)],
                          ids=["eager", "compile", "compile_pad8", "compile_pad8_amb30"])
-def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, monkeypatch, dtype, compile,
-                                                        text_token_multiple, memory_budget):
+def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, default_activation_memory_budget,
+                                                        dtype, compile, text_token_multiple, memory_budget):
     """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
     in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
     log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs).
     ``compile_pad8`` is the shipped GPU recipe's text padding (``sampling.text_token_multiple: 8``);
     ``compile_pad8_amb30`` adds ``actor.activation_memory_budget=0.3`` (the partitioner recomputes part of the
     activations in backward: the forward graph, and so the gap, must not change)."""
-    import torch._functorch.config as functorch_config
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)  # process-wide: restored afterwards
+    functorch_config = default_activation_memory_budget  # process-wide: torch's default, restored afterwards
 
     if compile:  # a fresh recompile budget: the compiled block forward is one code object for every engine here
         torch._dynamo.reset()
