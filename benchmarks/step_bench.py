@@ -20,8 +20,9 @@ default of ``--preset verl_omni``) the ``vlm_ocr`` reward of a colocated vision-
 architecture and size (random bf16 weights, saved once under ``--model-dir``), scoring every image on the same GPU
 while the next forward batch samples; its time is in the step. Phases of ``--samples`` samples per step (groups of
 the recipe's ``rollout.n``) run ``--steps`` steps each on one loaded model. ``--variants`` repeats the run with other
-settings (forward batch 4/8/16, gradient checkpointing on/off or of N blocks, a partitioner activation budget, CFG
-batched or as two forwards, unmerged LoRA...), each on a fresh trainer that compiles as a fresh process would; every
+settings (forward batch 4/8/16, gradient checkpointing on/off, of N blocks or planned from the GPU's memory
+(``ckpt_auto``, the Qwen-Image recipe's setting), a partitioner activation budget, CFG batched or as two forwards,
+unmerged LoRA...), each on a fresh trainer that compiles as a fresh process would; every
 variant and every run share one compile cache (``--compile-cache-dir``), so a second run's first step shows the
 warm-cache compile cost.
 
@@ -40,6 +41,7 @@ results. ``--resume`` continues each variant's run from its last checkpoint unde
 after every step (outside the timed step), so a run longer than one command goes on in the next (rows carry the
 run's ``rl_step``); ``--budget-s`` starts no step that would end (estimated from the last one) past that many
 seconds after the command's start, so a command under a time limit stops between steps with complete results.
+``--gpu-memory-gib`` caps PyTorch's allocator (``set_per_process_memory_fraction``) to run as a smaller GPU would.
 Results: ``--out`` (JSON and Markdown with device, date, versions and the command).
 """
 
@@ -76,10 +78,15 @@ VARIANTS: dict[str, list[str]] = {
     "micro8": ["actor_rollout_ref.actor.micro_batch_size=8"],
     # the rollout's forward batch is the update's replay batch (exactness): 16 samples sampled and replayed together
     "micro16": ["actor_rollout_ref.actor.micro_batch_size=16"],
-    "no_ckpt": ["actor_rollout_ref.actor.gradient_checkpointing=false"],
+    "no_ckpt": ["actor_rollout_ref.actor.gradient_checkpointing=false", "actor_rollout_ref.actor.checkpoint_blocks=null"],
     "ckpt": ["actor_rollout_ref.actor.gradient_checkpointing=true"],
+    # every block recomputed (the GPU recipes' setting before checkpoint_blocks=auto)
+    "ckpt_all": ["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=null"],
+    # as few recomputed blocks as fit the GPU's memory, chosen at every forward (actor.checkpoint_blocks=auto)
+    "ckpt_auto": ["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=auto"],
     "micro8_no_ckpt": ["actor_rollout_ref.actor.micro_batch_size=8",
-                       "actor_rollout_ref.actor.gradient_checkpointing=false"],
+                       "actor_rollout_ref.actor.gradient_checkpointing=false",
+                       "actor_rollout_ref.actor.checkpoint_blocks=null"],
     # CFG as two forwards (conditional, unconditional) in the rollout and therefore in the replay
     "cfg_separate": ["actor_rollout_ref.rollout.sampling.batch_cfg=false"],
     "eager": ["actor_rollout_ref.rollout.compile=false"],
@@ -101,6 +108,7 @@ def variant_overrides(name: str) -> list[str]:
                           f"actor_rollout_ref.actor.checkpoint_blocks={int(part[4:])}"]
         elif part.startswith("amb") and part[3:].isdigit() and int(part[3:]) <= 100:
             overrides += ["actor_rollout_ref.actor.gradient_checkpointing=false",
+                          "actor_rollout_ref.actor.checkpoint_blocks=null",
                           f"actor_rollout_ref.actor.activation_memory_budget={int(part[3:]) / 100:g}"]
         else:
             raise KeyError(f"unknown variant part {part!r} of {name!r}; known: {sorted(VARIANTS)}, ckpt<N> or "
@@ -371,9 +379,10 @@ def transformer_flops(transformer: torch.nn.Module, batch) -> dict[str, float]:
     return {"forward": float(fwd.get_total_flops()), "backward": float(bwd.get_total_flops())}
 
 
-def phase_flops(trainer, flops: dict[str, float], config) -> dict[str, float]:
+def phase_flops(trainer, flops: dict[str, float], config, recomputed_blocks: int | None = None) -> dict[str, float]:
     """FLOPs of the last step's rollout (every sample, every step, every CFG pass) and update (every trained
-    sample-step: forward + backward, + the recomputed share of the forward under gradient checkpointing)."""
+    sample-step: forward + backward, + the recomputed share of the forward under gradient checkpointing;
+    ``recomputed_blocks``: the step's count under ``checkpoint_blocks=auto``, the most any forward recomputed)."""
     actor = trainer.workers.actor
     sampling = config.rollout.sampling
     passes = 2 if sampling.guidance_scale > 1 else 1
@@ -383,8 +392,9 @@ def phase_flops(trainer, flops: dict[str, float], config) -> dict[str, float]:
     recomputed = 0.0  # the share of the forward recomputed in the backward (the checkpointed blocks')
     if config.actor.gradient_checkpointing:
         blocks = len(actor.transformer.transformer_blocks)
-        count = blocks if config.actor.checkpoint_blocks is None else config.actor.checkpoint_blocks
-        recomputed = count / blocks
+        count = {None: blocks, "auto": recomputed_blocks}.get(config.actor.checkpoint_blocks,
+                                                             config.actor.checkpoint_blocks)
+        recomputed = (blocks if count is None else count) / blocks
     per_train = flops["forward"] * (1 + recomputed) + flops["backward"]
     return {"rollout": samples * steps * passes * flops["forward"], "train": trained * passes * per_train,
             "trained_sample_steps": trained}
@@ -522,7 +532,8 @@ def run_variant(args, name: str, samples_list: list[int], model_path: str, info:
                 if flops is None:
                     flops = transformer_flops(trainer.workers.actor.transformer, trainer.workers.actor._batches[0])
                     extras.setdefault("flops_per_pass", {})[name] = flops
-                work = phase_flops(trainer, flops, config)
+                row["recomputed_blocks"] = m.get("recomputed_blocks")  # checkpoint_blocks=auto's choice
+                work = phase_flops(trainer, flops, config, row["recomputed_blocks"])
                 row["rollout_tflop"] = work["rollout"] / 1e12
                 row["train_tflop"] = work["train"] / 1e12
                 row["trained_sample_steps"] = work["trained_sample_steps"]
@@ -735,6 +746,13 @@ def markdown(results: dict) -> str:
         f"verl-omni's published whole-step figure: {VERL_OMNI_IMG_PER_GPU_S} images/s per GPU (Qwen-Image LoRA, "
         "4 x H800, 32 prompts x 16 per step, its docs/algo/performance.md).",
     ]
+    if meta.get("gpu_memory_cap_gib"):
+        lines.append(f"PyTorch's allocator was capped at {meta['gpu_memory_cap_gib']:g} GiB "
+                     "(`set_per_process_memory_fraction`), as on a GPU of that size.")
+    if any(r.get("recomputed_blocks") is not None for r in results["rows"]):
+        lines.append("Blocks recomputed by `checkpoint_blocks=auto`, by step (the most of any update forward): "
+                     + ", ".join(f"{r['variant']} step {_step_label(r)}: {r['recomputed_blocks']}"
+                                 for r in results["rows"] if r.get("recomputed_blocks") is not None) + ".")
     if meta.get("padded_text_encoder_gib"):
         lines.append(f"Peak GPU memory includes {meta['padded_text_encoder_gib']:.1f} GiB allocated for the text "
                      "encoder's missing layers (the full text encoder's memory).")
@@ -778,6 +796,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="one more step per variant with the in-trainer rollout under torch.profiler")
     parser.add_argument("--profile-rows", type=int, default=40)
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="cap PyTorch's allocator at this many GiB (set_per_process_memory_fraction), to run as a "
+                             "GPU of that size would, e.g. 79.2 for an 80 GB H100")
     parser.add_argument("--peak-tflops", type=float, default=MATRIX_TFLOPS, help="the matrix rate fractions refer to")
     parser.add_argument("--text-layers", type=int, default=4, help="text-encoder layers built at real size")
     parser.add_argument("--dit-layers", type=int, default=None, help="DiT layers (default: the published count)")
@@ -824,6 +845,13 @@ def main() -> None:
     if args.reward_model is None:
         args.reward_model = "qwen3_vl_8b" if args.preset == "verl_omni" and not args.reward_model_path else "none"
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.gpu_memory_gib is not None:
+        if not torch.cuda.is_available() or args.tiny:
+            parser.error("--gpu-memory-gib caps a CUDA device's allocator; this run has none")
+        total = torch.cuda.get_device_properties(0).total_memory
+        if not 0 < args.gpu_memory_gib * 2**30 <= total:
+            parser.error(f"--gpu-memory-gib {args.gpu_memory_gib} is not in (0, {total / 2**30:.1f}]")
+        torch.cuda.set_per_process_memory_fraction(args.gpu_memory_gib * 2**30 / total)
 
     import diffusers
     import peft
@@ -877,6 +905,7 @@ def main() -> None:
             "peft": peft.__version__,
             "transformers": transformers.__version__,
             "padded_text_encoder_gib": pad_gib,
+            "gpu_memory_cap_gib": args.gpu_memory_gib,
             "model_info": info,
             "command": "python benchmarks/step_bench.py " + " ".join(sys.argv[1:]),
         },

@@ -118,7 +118,13 @@ def test_step_bench_variant_names_compose_and_unknown_parts_are_named():
         "actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=40"]
     assert variant_overrides("default") == []
     assert variant_overrides("amb30") == ["actor_rollout_ref.actor.gradient_checkpointing=false",
+                                          "actor_rollout_ref.actor.checkpoint_blocks=null",
                                           "actor_rollout_ref.actor.activation_memory_budget=0.3"]
+    # the GPU recipes plan their checkpointing (auto): turning it off or recomputing every block says so
+    assert "actor_rollout_ref.actor.checkpoint_blocks=null" in variant_overrides("no_ckpt")
+    assert variant_overrides("ckpt_all") == ["actor_rollout_ref.actor.gradient_checkpointing=true",
+                                             "actor_rollout_ref.actor.checkpoint_blocks=null"]
+    assert "actor_rollout_ref.actor.checkpoint_blocks=auto" in variant_overrides("ckpt_auto")
     with pytest.raises(KeyError, match="'micro9'"):
         variant_overrides("micro8+micro9")
     with pytest.raises(KeyError, match=r"'amb150'.*amb<P> \(P in 0\.\.100\)"):

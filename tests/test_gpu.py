@@ -148,17 +148,22 @@ def _assert_optimizer_state_on_param_devices(optimizer) -> int:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("compile", "text_token_multiple", "memory_budget"),
-                         [(False, 1, None), (True, 1, None), (True, 8, None), (True, 8, 0.3)],
-                         ids=["eager", "compile", "compile_pad8", "compile_pad8_amb30"])
+@pytest.mark.parametrize(("compile", "text_token_multiple", "memory_budget", "auto_fraction"),
+                         [(False, 1, None, None), (True, 1, None, None), (True, 8, None, None), (True, 8, 0.3, None),
+                          (True, 8, None, 0.85), (True, 8, None, 1e-6)],
+                         ids=["eager", "compile", "compile_pad8", "compile_pad8_amb30", "compile_pad8_ckptauto",
+                              "compile_pad8_ckptauto_tight"])
 def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path, default_activation_memory_budget,
-                                                        dtype, compile, text_token_multiple, memory_budget):
+                                                        dtype, compile, text_token_multiple, memory_budget,
+                                                        auto_fraction):
     """FlowGRPO on CUDA trains the rollout engine's own transformer in place: one module on the GPU, its base weights
     in the rollout dtype, the LoRA and AdamW state beside it, and the update's replay reproduces the rollout's
     log-probs at every step (the stochastic steps sample under autograd on accelerators, as the replay runs).
     ``compile_pad8`` is the shipped GPU recipe's text padding (``sampling.text_token_multiple: 8``);
     ``compile_pad8_amb30`` adds ``actor.activation_memory_budget=0.3`` (the partitioner recomputes part of the
-    activations in backward: the forward graph, and so the gap, must not change)."""
+    activations in backward: the forward graph, and so the gap, must not change). ``ckptauto`` is
+    ``actor.checkpoint_blocks=auto`` on the CUDA allocator: with room for every activation (the tiny model on any
+    GPU) no block recomputes, and with a target below what is already allocated (``_tight``) every block does."""
     from torch._dynamo.utils import counters
 
     functorch_config = default_activation_memory_budget  # process-wide: torch's default, restored afterwards
@@ -172,7 +177,11 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
                                         "actor_rollout_ref.rollout.sampling.text_token_multiple="
                                         f"{text_token_multiple}",
                                         *([f"++actor_rollout_ref.actor.activation_memory_budget={memory_budget}"]
-                                          if memory_budget is not None else [])))
+                                          if memory_budget is not None else []),
+                                        *(["actor_rollout_ref.actor.gradient_checkpointing=true",
+                                           "actor_rollout_ref.actor.checkpoint_blocks=auto",
+                                           f"actor_rollout_ref.actor.checkpoint_memory_fraction={auto_fraction}"]
+                                          if auto_fraction is not None else [])))
     with _flowgrpo_trainer(cfg) as trainer:
         actor = trainer.workers.actor
         engine = actor.engine
@@ -191,6 +200,13 @@ def test_cuda_shared_trainer_exact_and_one_transformer(tiny_model_path, tmp_path
               f"logprob max |diff| pre-update by step = {diffs}, "
               f"graphs after step 1 / 3: {graphs} / {counters['stats']['unique_graphs']}")
         assert counters["stats"]["unique_graphs"] == graphs, "a block recompiled after step 1"
+        if auto_fraction is not None:
+            plan = actor.policy.checkpointing.plan
+            assert plan.activations_per_input_byte > 0  # measured on the allocator
+            blocks = len(actor.transformer.transformer_blocks)
+            assert [h["recomputed_blocks"] for h in history] == [blocks if auto_fraction < 0.01 else 0] * 3
+        else:
+            assert all("recomputed_blocks" not in h for h in history)
         assert all(d <= 1e-6 for d in diffs), diffs
         assert [h["old_log_probs_recomputed"] for h in history] == [0, 0, 0]  # the gap guard never had to step in
         if dtype == "float32":

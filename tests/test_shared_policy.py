@@ -131,14 +131,16 @@ def _tiny(family):
     return model, sd3_forward
 
 
-def _block_calls_and_grads(family, **policy_kwargs):
+def _block_calls_and_grads(family, prepare=None, **policy_kwargs):
     """Forward + backward of a LoRA'd tiny transformer; per-block forward calls (a recomputed block runs twice) and
-    the LoRA gradients."""
+    the LoRA gradients. ``prepare(policy)`` runs before the forward."""
     transformer, run = _tiny(family)
     targets = TARGETS if family == "qwenimage" else SD3_TARGETS
     policy = SharedPolicy(transformer, LoraConfig(r=4, lora_alpha=8, target_modules=targets), **policy_kwargs)
     randomize_lora(policy, 3)
     policy.refresh()
+    if prepare is not None:
+        prepare(policy)
     blocks = list(policy.transformer.transformer_blocks)
     calls = [0] * len(blocks)
     for k, block in enumerate(blocks):

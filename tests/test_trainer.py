@@ -363,6 +363,9 @@ def test_gpu_recipes_compose_and_validate(tiny_model_path, tmp_path, name):
     # compiled recipes pad the text to a multiple of 8 tokens (the rollout's own default is 1: no padding)
     assert config.rollout.compile and sampling.text_token_multiple == 8
     assert DiffusionSamplingConfig().text_token_multiple == 1
+    # the update recomputes as few blocks as the GPU's memory needs (none on a GPU with room for every activation)
+    assert config.actor.gradient_checkpointing and config.actor.checkpoint_blocks == "auto"
+    assert config.actor.checkpoint_memory_fraction is None
     if name.endswith("fast"):
         assert sampling.guidance_scale == 1.0 and sampling.sde_type == "cps" and sampling.noise_level == 0.8
     else:

@@ -62,6 +62,29 @@ def test_bad_values_name_their_key_before_any_model_loads(tmp_path, override, ke
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=many"],
+         "actor_rollout_ref.actor.checkpoint_blocks must be an int >= 0, auto or null, got 'many'"),
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=auto",
+          "actor_rollout_ref.actor.checkpoint_memory_fraction=1.5"],
+         r"actor_rollout_ref.actor.checkpoint_memory_fraction must be a number in \(0, 1\]"),
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_memory_fraction=0.5"],
+         "checkpoint_memory_fraction=0.5 bounds what actor_rollout_ref.actor.checkpoint_blocks=auto keeps"),
+        (["actor_rollout_ref.actor.checkpoint_blocks=auto"], "actor_rollout_ref.actor.gradient_checkpointing=true"),
+        # the tiny recipe runs on the CPU, which has no allocator statistics to plan from
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=auto"],
+         "checkpoint_blocks=auto plans from the CUDA allocator's memory; actor_rollout_ref.rollout.device='cpu'"),
+    ],
+)
+def test_auto_checkpointing_refusals_name_their_keys(tiny_model_path, tmp_path, overrides, message):
+    cfg = compose_tiny(tiny_model_path, tmp_path / "run", *overrides)
+    with pytest.raises(ValueError, match=message):
+        FlowGRPOConfig.from_omegaconf(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_valid_edges_are_accepted(tiny_model_path, tmp_path):
     cfg = compose_tiny(tiny_model_path, tmp_path / "run", "trainer.save_freq=0", "trainer.plot_freq=0",
                        "actor_rollout_ref.actor.weight_decay=0", "++actor_rollout_ref.actor.adam_betas=[0,0.5]")

@@ -31,6 +31,7 @@ from ..contract import RolloutBatch
 from ..pipelines.compile import set_activation_memory_budget
 from ..rollout import from_data_proto
 from ..sde import to_device_async
+from .block_checkpointing import DEFAULT_CHECKPOINT_MEMORY_FRACTION
 from .config import FlowGRPOConfig
 from .loss import flowgrpo_step_loss, gaussian_kl, sample_step_weights
 from .policy import SharedPolicy
@@ -92,6 +93,7 @@ class UpdateResult:
     seconds: dict[str, float] = field(default_factory=dict)
     weight_version: int = 0
     skipped: str | None = None  # why the update was discarded (non-finite loss, gradient or LoRA), else None
+    recomputed_blocks: int | None = None  # with checkpoint_blocks=auto: the most blocks one update forward recomputed
 
 
 class FlowGRPOActor:
@@ -134,6 +136,7 @@ class FlowGRPOActor:
             merged=config.rollout.lora.merge,
             gradient_checkpointing=config.actor.gradient_checkpointing,
             checkpoint_blocks=config.actor.checkpoint_blocks,
+            checkpoint_memory_fraction=config.actor.checkpoint_memory_fraction or DEFAULT_CHECKPOINT_MEMORY_FRACTION,
             seed=config.trainer.seed,
         )
         self.optimizer = torch.optim.AdamW(
@@ -272,6 +275,9 @@ class FlowGRPOActor:
                                              attention=self.config.rollout.attention_backend)
             return replayers[fb]
 
+        planned = self.policy.checkpointing if self.policy.checkpointing and self.policy.checkpointing.plan else None
+        if planned is not None:
+            planned.reset_counts()  # the rollout's forwards in grad mode chose counts too; only the update's count here
         old = self._recompute_old_log_probs(steps, replayer_for) if cfg.recompute_old_log_probs else None
         guarded: dict[int, dict[int, torch.Tensor]] = {}  # old log-probs of the first mini-batch, gap-corrected
         pre_update = True  # no optimizer step yet: the policy is the rollout's
@@ -370,6 +376,8 @@ class FlowGRPOActor:
         result.grad_norms = values[len(sums) + 1 :]
         result.seconds = {"train_s": time.perf_counter() - start, "allreduce_s": allreduce_s, "switch_s": switch_s}
         result.weight_version = self.engine.weight_version
+        if planned is not None:
+            result.recomputed_blocks = max(planned.reset_counts(), default=None)
         return result
 
     def _fold_grads(self) -> None:

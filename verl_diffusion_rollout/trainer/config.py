@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -77,6 +77,9 @@ class ActorConfig:
     ``gradient_checkpointing`` recomputes the transformer blocks' activations in the backward pass instead of keeping
     them; ``checkpoint_blocks`` (with it) recomputes only the first N blocks and keeps the rest, a step between the
     two for a GPU with memory to spare (each kept block saves one block forward per replayed step; ``None``: all).
+    ``checkpoint_blocks: auto`` (CUDA) chooses N at every forward: as few recomputed blocks as keep the forward and
+    its backward within ``checkpoint_memory_fraction`` (default 0.85) of the GPU's memory, the activations per
+    kept block measured once on the device; a GPU with room for all of them recomputes none.
     ``activation_memory_budget`` (with ``rollout.compile`` and without ``gradient_checkpointing``): the compiled
     blocks keep at most this fraction (0..1) of the activations they would keep for backward and recompute the
     rest, cheapest first (AOT autograd's partitioner, process-wide); ``None`` leaves torch's default (1).
@@ -106,7 +109,8 @@ class ActorConfig:
     mini_batch_size: Optional[int] = None
     micro_batch_size: Optional[int] = None
     gradient_checkpointing: bool = False
-    checkpoint_blocks: Optional[int] = None
+    checkpoint_blocks: Optional[Union[int, str]] = None
+    checkpoint_memory_fraction: Optional[float] = None
     activation_memory_budget: Optional[float] = None
     recompute_old_log_probs: bool = False
     ulysses_sequence_parallel_size: int = 1
@@ -141,10 +145,23 @@ class ActorConfig:
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"{key}gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.checkpoint_blocks is not None:
-            _check_int(f"{key}checkpoint_blocks", self.checkpoint_blocks, 0)
+            if self.checkpoint_blocks != "auto":
+                if isinstance(self.checkpoint_blocks, str):
+                    raise ValueError(f"{key}checkpoint_blocks must be an int >= 0, auto or null, got "
+                                     f"{self.checkpoint_blocks!r}")
+                _check_int(f"{key}checkpoint_blocks", self.checkpoint_blocks, 0)
             if not self.gradient_checkpointing:
                 raise ValueError(f"{key}checkpoint_blocks={self.checkpoint_blocks} needs "
-                                 f"{key}gradient_checkpointing=true (without it no block is recomputed)")
+                                 f"{key}gradient_checkpointing=true (without it no block is recomputed); to keep "
+                                 f"every activation set {key}checkpoint_blocks=null as well")
+        fraction = self.checkpoint_memory_fraction
+        if fraction is not None:
+            if not _is_number(fraction) or not 0 < fraction <= 1:
+                raise ValueError(f"{key}checkpoint_memory_fraction must be a number in (0, 1] or null, got "
+                                 f"{fraction!r}")
+            if self.checkpoint_blocks != "auto":
+                raise ValueError(f"{key}checkpoint_memory_fraction={fraction} bounds what {key}checkpoint_blocks=auto "
+                                 f"keeps; checkpoint_blocks is {self.checkpoint_blocks!r}")
         budget = self.activation_memory_budget
         if budget is not None:
             if not _is_number(budget) or not 0 <= budget <= 1:
@@ -421,6 +438,11 @@ class FlowGRPOConfig:
                 f"data.samples_per_step={samples}"
             )
         actor.micro_batch_size, actor.mini_batch_size = micro, mini
+        if actor.checkpoint_blocks == "auto" and rollout.device is not None and not str(rollout.device).startswith("cuda"):
+            raise ValueError(
+                "actor_rollout_ref.actor.checkpoint_blocks=auto plans from the CUDA allocator's memory; "
+                f"actor_rollout_ref.rollout.device={rollout.device!r} has none (set a number of blocks instead)"
+            )
         if actor.activation_memory_budget is not None and not rollout.compile:
             raise ValueError(
                 f"actor_rollout_ref.actor.activation_memory_budget={actor.activation_memory_budget} sets how the "

@@ -273,6 +273,9 @@ class FlowGRPOTrainer:
             metrics["grad_norm"] = float(np.mean(updates[0].grad_norms))
             metrics["logprob_max_abs_diff_pre_update"] = max(u.logprob_max_abs_diff_pre_update for u in updates)
             metrics["old_log_probs_recomputed"] = sum(u.old_log_probs_recomputed for u in updates)  # the gap guard
+            planned = [u.recomputed_blocks for u in updates if u.recomputed_blocks is not None]
+            if planned:  # checkpoint_blocks=auto: the most blocks any worker's update forward recomputed
+                metrics["recomputed_blocks"] = max(planned)
         metrics.update(
             weight_version=updates[0].weight_version,
             rollout_s=rollout_s,

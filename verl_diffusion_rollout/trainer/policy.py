@@ -19,31 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from ..lora.layer import MergedLoRALinear, float32_factors, lora_layer_config, lora_layers
+from .block_checkpointing import DEFAULT_CHECKPOINT_MEMORY_FRACTION, BlockCheckpointing, MemoryPlan
 from .checkpoint import check_lora_keys
 
-__all__ = ["MergedLoRALinear", "SharedPolicy", "checkpoint_first_blocks", "lora_layers"]
-
-
-def checkpoint_first_blocks(blocks: Sequence[nn.Module], count: int) -> Callable[..., Any]:
-    """A ``gradient_checkpointing_func`` for diffusers' ``enable_gradient_checkpointing`` that recomputes the
-    first ``count`` of ``blocks`` in the backward pass (``torch.utils.checkpoint``, non-reentrant) and runs the
-    others plainly, keeping their activations. The forward values are the same either way."""
-    recomputed = {id(block) for block in blocks[:count]}
-
-    def gradient_checkpointing_func(block: nn.Module, *args: Any) -> Any:
-        if id(block) in recomputed:
-            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
-        return block(*args)
-
-    return gradient_checkpointing_func
+__all__ = ["MergedLoRALinear", "SharedPolicy", "lora_layers"]
 
 
 class SharedPolicy:
@@ -56,7 +42,10 @@ class SharedPolicy:
         gradient_checkpointing: recompute blocks' activations in the backward pass instead of keeping them.
         checkpoint_blocks: with ``gradient_checkpointing``, how many of ``transformer.transformer_blocks`` are
             recomputed (the first ones); the others keep their activations, trading memory for the recompute's
-            time. ``None``: every block.
+            time. ``None``: every block. ``"auto"`` (CUDA only): at every forward, as few as keep the peak under
+            ``checkpoint_memory_fraction`` of the device's memory (:class:`~.block_checkpointing.MemoryPlan`).
+        checkpoint_memory_fraction: with ``checkpoint_blocks="auto"``, the share of the device's memory a forward
+            and its backward may fill.
         seed: seeds the LoRA initialisation (``A`` random, ``B`` zero: the first policy is the base model).
         config_key: the config key naming ``lora_config.target_modules``, for error messages.
     """
@@ -68,13 +57,18 @@ class SharedPolicy:
         *,
         merged: bool = True,
         gradient_checkpointing: bool = False,
-        checkpoint_blocks: int | None = None,
+        checkpoint_blocks: int | str | None = None,
+        checkpoint_memory_fraction: float = DEFAULT_CHECKPOINT_MEMORY_FRACTION,
         seed: int = 0,
         config_key: str = "actor_rollout_ref.model.target_modules",
     ):
         _check_vanilla_lora(lora_config)
         blocks = list(getattr(transformer, "transformer_blocks", []))
-        if checkpoint_blocks is not None and not 0 <= checkpoint_blocks <= len(blocks):
+        if checkpoint_blocks == "auto":
+            # before the adapter: a CPU policy is refused with nothing changed
+            device = next(transformer.parameters()).device
+            plan = MemoryPlan.for_device(device, len(blocks), checkpoint_memory_fraction)
+        elif checkpoint_blocks is not None and not 0 <= checkpoint_blocks <= len(blocks):
             raise ValueError(f"actor_rollout_ref.actor.checkpoint_blocks={checkpoint_blocks} is not in "
                              f"[0, {len(blocks)}]: {type(transformer).__name__} has {len(blocks)} transformer blocks")
         targets = lora_config.target_modules
@@ -99,11 +93,14 @@ class SharedPolicy:
             name: p for name, p in transformer.named_parameters() if p.requires_grad
         }
         self.params = list(self.named_params.values())
+        # which blocks recompute (None: diffusers' own checkpointing of every block)
+        self.checkpointing: BlockCheckpointing | None = None
         if gradient_checkpointing:
-            count = len(blocks) if checkpoint_blocks is None else checkpoint_blocks
-            transformer.enable_gradient_checkpointing(
-                None if count == len(blocks) else checkpoint_first_blocks(blocks, count)
-            )
+            if checkpoint_blocks == "auto":
+                self.checkpointing = BlockCheckpointing(blocks, len(blocks), plan)
+            elif checkpoint_blocks is not None and checkpoint_blocks != len(blocks):
+                self.checkpointing = BlockCheckpointing(blocks, checkpoint_blocks)
+            transformer.enable_gradient_checkpointing(self.checkpointing)
         transformer.eval()  # no dropout anywhere: sampling and training compute the same function
         self.refresh()
 
