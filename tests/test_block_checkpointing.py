@@ -38,8 +38,8 @@ def test_tensor_bytes_walks_nested_arguments():
 )
 def test_memory_plan_keeps_as_many_blocks_as_fit(allocated, target, expected):
     # stand-in for torch.cuda.memory_allocated (a CPU has no allocator statistics): a fixed reading
-    plan = MemoryPlan(num_blocks=10, target_bytes=target * GIB, allocated=lambda: allocated * GIB,
-                      activations_per_input_byte=4.0)
+    plan = MemoryPlan(num_blocks=10, memory_fraction=1.0, allocated=lambda: allocated * GIB,
+                      reachable=lambda: target * GIB, activations_per_input_byte=4.0)
     inputs = (torch.empty(GIB // 2, dtype=torch.uint8), torch.empty(GIB // 2, dtype=torch.uint8))  # 1 GiB of inputs
     assert plan.recompute_count(inputs) == expected
 
@@ -54,8 +54,8 @@ def test_memory_plan_measures_one_run_of_the_first_block():
     calls.clear()
     # stand-in for torch.cuda.memory_allocated: the readings before and after the block's run, then the last one
     readings = [10_000, 10_000 + 3 * tensor_bytes(args) + out_bytes]
-    plan = MemoryPlan(num_blocks=2, target_bytes=GIB,
-                      allocated=lambda: readings.pop(0) if len(readings) > 1 else readings[0])
+    plan = MemoryPlan(num_blocks=2, memory_fraction=1.0,
+                      allocated=lambda: readings.pop(0) if len(readings) > 1 else readings[0], reachable=lambda: GIB)
     plan.measure(block, args)
     assert calls == [1]  # one extra run, its output dropped
     assert plan.activations_per_input_byte == pytest.approx(3.0)
@@ -72,7 +72,8 @@ def _first_block_input_bytes(family) -> int:
             return self.num_blocks
 
     def record(policy):
-        policy.checkpointing.plan = Recording(len(policy.checkpointing.blocks), 0, allocated=lambda: 0)
+        policy.checkpointing.plan = Recording(len(policy.checkpointing.blocks), 1.0, allocated=lambda: 0,
+                                              reachable=lambda: 0)
 
     _block_calls_and_grads(family, prepare=record, gradient_checkpointing=True, checkpoint_blocks=0)
     return seen[0]
@@ -91,7 +92,8 @@ def test_auto_recomputes_the_planned_blocks_with_the_gradients_of_no_checkpointi
         def with_plan(policy, target=target):
             # stand-in for torch.cuda.memory_allocated (nothing else allocated); the activations per input byte
             # given rather than measured, which only a GPU's allocator can do
-            policy.checkpointing.plan = MemoryPlan(n, target, allocated=lambda: 0, activations_per_input_byte=1000.0)
+            policy.checkpointing.plan = MemoryPlan(n, 1.0, allocated=lambda: 0, reachable=lambda: target,
+                                                   activations_per_input_byte=1000.0)
             plans.append(policy.checkpointing)
 
         calls, grads = _block_calls_and_grads(family, prepare=with_plan, gradient_checkpointing=True,
@@ -112,9 +114,10 @@ def test_the_first_forward_recomputes_every_block_and_measures_the_second(family
 
     def with_plan(policy):
         n = len(policy.checkpointing.blocks)
-        # stand-in for torch.cuda.memory_allocated: a constant reading, so the kept block measures as holding 0
-        # bytes beyond its output, and the next forward keeps every block
-        policy.checkpointing.plan = MemoryPlan(n, 10 * GIB, allocated=lambda: 0)
+        # stand-in for torch.cuda.memory_allocated: 0, then 1 GiB after the measured block's run, then 0 again
+        readings = [0, GIB]
+        policy.checkpointing.plan = MemoryPlan(n, 1.0, allocated=lambda: readings.pop(0) if readings else 0,
+                                               reachable=lambda: 1000 * GIB)
         plans.append(policy.checkpointing)
 
     calls, _ = _block_calls_and_grads(family, prepare=with_plan, gradient_checkpointing=True, checkpoint_blocks=0)
@@ -122,17 +125,45 @@ def test_the_first_forward_recomputes_every_block_and_measures_the_second(family
     checkpointing = plans[0]
     assert checkpointing.counts == [n]
     assert calls == [2, 3] + [2] * (n - 2)  # all recomputed, and the second block once more to measure it
-    assert checkpointing.plan.activations_per_input_byte == 0.0
-    args = (torch.zeros(4),)
-    assert checkpointing.plan.recompute_count(args) == 0
+    assert checkpointing.plan.measured and checkpointing.plan.activations_per_input_byte > 0
+    assert checkpointing.plan.recompute_count((torch.zeros(4),)) == 0  # room for every block now
+
+
+def test_a_reading_of_nothing_held_is_retried_then_every_block_stays_recomputed(caplog):
+    block = torch.nn.Linear(8, 8)
+    args = (torch.randn(2, 8),)
+    # stand-in for torch.cuda.memory_allocated: a constant, as if the run's activations were matched by a free
+    plan = MemoryPlan(num_blocks=4, memory_fraction=1.0, allocated=lambda: GIB, reachable=lambda: 1000 * GIB)
+    for attempt in range(MemoryPlan.MAX_MEASUREMENTS):
+        assert plan.wants_measurement, attempt
+        plan.measure(block, args)
+        assert not plan.measured and plan.recompute_count(args) == 4
+    assert not plan.wants_measurement
+    assert "read no activations; every block stays recomputed" in caplog.text
+
+
+def test_no_room_recomputes_every_block_and_a_one_block_model_measures_its_block():
+    # stand-in for torch.cuda.memory_allocated: more allocated than the target allows
+    full = MemoryPlan(3, 0.5, allocated=lambda: 10 * GIB, reachable=lambda: 12 * GIB, activations_per_input_byte=1.0)
+    assert full.recompute_count((torch.zeros(4),)) == 3
+    assert MemoryPlan(1, 1.0, allocated=lambda: 0, reachable=lambda: GIB).measure_index == 0
+    assert MemoryPlan(5, 1.0, allocated=lambda: 0, reachable=lambda: GIB).measure_index == 1
 
 
 def test_a_longer_forward_recomputes_more_blocks():
     n = 10
     # stand-in for torch.cuda.memory_allocated: a fixed 1 GiB in use
-    plan = MemoryPlan(n, target_bytes=20 * GIB, allocated=lambda: GIB, activations_per_input_byte=8.0)
+    plan = MemoryPlan(n, 1.0, allocated=lambda: GIB, reachable=lambda: 20 * GIB, activations_per_input_byte=8.0)
     short, long = (torch.empty(GIB // 8, dtype=torch.uint8),), (torch.empty(GIB // 4, dtype=torch.uint8),)
     assert plan.recompute_count(short) < plan.recompute_count(long)
+
+
+def test_auto_without_blocks_is_refused_naming_the_key():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"checkpoint_blocks=auto plans transformer_blocks; Sequential has none"):
+        SharedPolicy(model, LoraConfig(r=2, target_modules=["0"]), gradient_checkpointing=True,
+                     checkpoint_blocks="auto")
+    assert not any("lora" in name for name, _ in model.named_parameters())
 
 
 def test_auto_on_a_cpu_policy_is_refused_before_the_adapter():

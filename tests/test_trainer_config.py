@@ -73,6 +73,13 @@ def test_bad_values_name_their_key_before_any_model_loads(tmp_path, override, ke
         (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_memory_fraction=0.5"],
          "checkpoint_memory_fraction=0.5 bounds what actor_rollout_ref.actor.checkpoint_blocks=auto keeps"),
         (["actor_rollout_ref.actor.checkpoint_blocks=auto"], "actor_rollout_ref.actor.gradient_checkpointing=true"),
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=1.5"],
+         "actor_rollout_ref.actor.checkpoint_blocks must be an int >= 0, auto or null, got 1.5"),
+        # each sequence-parallel worker would plan its own blocks; a block's all-to-alls must match across the group
+        (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=auto",
+          "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "trainer.n_gpus_per_node=2"],
+         "checkpoint_blocks=auto lets each worker choose its own recomputed blocks, but with "
+         "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"),
         # the tiny recipe runs on the CPU, which has no allocator statistics to plan from
         (["actor_rollout_ref.actor.gradient_checkpointing=true", "actor_rollout_ref.actor.checkpoint_blocks=auto"],
          "checkpoint_blocks=auto plans from the CUDA allocator's memory; actor_rollout_ref.rollout.device='cpu'"),

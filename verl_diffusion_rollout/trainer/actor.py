@@ -275,10 +275,10 @@ class FlowGRPOActor:
                                              attention=self.config.rollout.attention_backend)
             return replayers[fb]
 
-        planned = self.policy.checkpointing if self.policy.checkpointing and self.policy.checkpointing.plan else None
-        if planned is not None:
-            planned.reset_counts()  # the rollout's forwards in grad mode chose counts too; only the update's count here
         old = self._recompute_old_log_probs(steps, replayer_for) if cfg.recompute_old_log_probs else None
+        planned = self.policy.checkpointing if self.policy.checkpointing and self.policy.checkpointing.plan else None
+        if planned is not None:  # counts of the training forwards only (the rollout's and the replays' forget)
+            planned.reset_counts()
         guarded: dict[int, dict[int, torch.Tensor]] = {}  # old log-probs of the first mini-batch, gap-corrected
         pre_update = True  # no optimizer step yet: the policy is the rollout's
         allreduce_s = switch_s = 0.0

@@ -13,6 +13,7 @@ same inputs, so the forward values, the log-probs and the gradients are those of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BlockCheckpointing", "MemoryPlan", "DEFAULT_CHECKPOINT_MEMORY_FRACTION", "tensor_bytes"]
 
@@ -40,63 +43,92 @@ def tensor_bytes(value: Any) -> int:
 
 @dataclass
 class MemoryPlan:
-    """How many blocks a forward must recompute so that its peak stays under ``target_bytes``.
+    """How many blocks a forward must recompute so that its peak stays under ``memory_fraction`` of the memory this
+    process can reach.
 
-    The activations a kept block holds are measured once, in the first forward in grad mode, by running its second
-    block one extra time and reading the allocator (``allocated``) before and after (the second block, whose
-    inputs carry gradients as every later block's do; the first block's do not, so it keeps less); until then every
-    block is recomputed. They are taken to grow with the bytes of the block's inputs (tokens x rows). Each later
-    forward then plans, when its first block is called, from what is allocated then and the size of its inputs:
+    The activations a kept block holds are measured in the first forward in grad mode, by running its second block
+    (the only one of a one-block model) one extra time and reading the allocator (``allocated``) before and after:
+    the second block, whose inputs carry gradients as every later block's do (the first block's do not, so it keeps
+    less). Until a measurement succeeds every block is recomputed; a reading of nothing held (memory freed
+    meanwhile) is retried on the next forward, at most ``MAX_MEASUREMENTS`` times. The activations are taken to grow
+    with the bytes of the block's inputs (tokens x rows). Each later forward plans, when its first block is called,
+    from what is allocated then and the size of its inputs:
 
     ``peak = allocated + blocks x input_bytes (every block's kept inputs) + (kept + 2) x activations``
 
     (the 2: the block being recomputed in the backward pass and its gradients), and keeps as many blocks (the last
-    ones) as fit under ``target_bytes``.
+    ones) as fit under ``memory_fraction x reachable()``.
 
     Args:
         num_blocks: the transformer's block count.
-        target_bytes: the peak this plan may reach.
-        allocated: bytes in use on the device now (``torch.cuda.memory_allocated``).
+        memory_fraction: the share of ``reachable()`` the planned peak may take.
+        allocated: bytes this process's tensors take on the device now (``torch.cuda.memory_allocated``).
+        reachable: bytes this process could hold now: what its allocator has reserved plus the device's free
+            memory (other processes' use excluded), within its per-process limit.
     """
 
+    MAX_MEASUREMENTS = 3
+
     num_blocks: int
-    target_bytes: int
+    memory_fraction: float
     allocated: Callable[[], int]
+    reachable: Callable[[], int]
     activations_per_input_byte: float | None = None
+    measurements: int = 0
 
     @classmethod
     def for_device(cls, device: torch.device, num_blocks: int, memory_fraction: float) -> MemoryPlan:
-        """A plan whose target is ``memory_fraction`` of what PyTorch may allocate on the CUDA ``device`` (its
-        memory times the process's ``set_per_process_memory_fraction``)."""
+        """A plan on the CUDA ``device``'s caching allocator."""
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"actor_rollout_ref.actor.checkpoint_blocks=auto reads the CUDA allocator; the policy is "
                              f"on {device} (set a number of blocks instead)")
         total = torch.cuda.get_device_properties(device).total_memory
-        process = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
-        return cls(num_blocks, int(total * process * memory_fraction), lambda: torch.cuda.memory_allocated(device))
+        cap = total * getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
 
-    def measure(self, block: nn.Module, args: Sequence[Any]) -> None:
-        """Run ``block(*args)`` once, keeping its activations, and record their bytes per byte of its inputs."""
-        before = self.allocated()
-        out = block(*args)
-        held = self.allocated() - before - tensor_bytes(out)
-        del out
-        self.activations_per_input_byte = max(held, 0) / max(tensor_bytes(args), 1)
+        def reachable() -> int:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(min(cap, torch.cuda.memory_reserved(device) + free))
+
+        return cls(num_blocks, memory_fraction, lambda: torch.cuda.memory_allocated(device), reachable)
 
     @property
     def measured(self) -> bool:
         return self.activations_per_input_byte is not None
 
+    @property
+    def wants_measurement(self) -> bool:
+        return not self.measured and self.measurements < self.MAX_MEASUREMENTS
+
+    @property
+    def measure_index(self) -> int:
+        """The block measured: the second, or the only one."""
+        return min(1, self.num_blocks - 1)
+
+    def measure(self, block: nn.Module, args: Sequence[Any]) -> None:
+        """Run ``block(*args)`` once, keeping its activations, and record their bytes per byte of its inputs (a
+        reading of nothing held leaves the plan unmeasured)."""
+        self.measurements += 1
+        before = self.allocated()
+        out = block(*args)
+        held = self.allocated() - before - tensor_bytes(out)
+        del out
+        if held > 0:
+            self.activations_per_input_byte = held / max(tensor_bytes(args), 1)
+        elif not self.wants_measurement:
+            logger.warning("checkpoint_blocks=auto: %d measurements of a kept block read no activations; every "
+                           "block stays recomputed", self.measurements)
+
     def recompute_count(self, args: Sequence[Any]) -> int:
-        """Blocks a forward whose first block takes ``args`` recomputes (0 .. ``num_blocks``; all until measured)."""
+        """Blocks a forward whose first block takes ``args`` recomputes (0 .. ``num_blocks``; all until measured,
+        and all when what is allocated leaves no room)."""
         if not self.measured:
             return self.num_blocks
         inputs = tensor_bytes(args)
         per_block = self.activations_per_input_byte * inputs
-        if per_block <= 0:
-            return 0
-        room = self.target_bytes - self.allocated() - self.num_blocks * inputs
+        room = self.memory_fraction * self.reachable() - self.allocated() - self.num_blocks * inputs
+        if room <= 0 or per_block <= 0:
+            return self.num_blocks
         kept = int(room // per_block) - 2
         return self.num_blocks - min(max(kept, 0), self.num_blocks)
 
@@ -108,7 +140,7 @@ class BlockCheckpointing:
     The first ``count`` of ``blocks`` in a forward run under ``torch.utils.checkpoint`` (non-reentrant) and are
     recomputed in the backward pass; the others run plainly and keep their activations. With ``plan``, ``count`` is
     re-chosen when the first block is called (diffusers calls this function only for forwards in grad mode), and
-    the first forward measures the plan on its second block.
+    the first forward measures the plan (:attr:`MemoryPlan.measure_index`).
     ``counts`` records every chosen count until :meth:`reset_counts`.
     """
 
@@ -126,7 +158,7 @@ class BlockCheckpointing:
             if index == 0:
                 self.count = self.plan.recompute_count(args)
                 self.counts.append(self.count)
-            elif index == 1 and not self.plan.measured:
+            if index == self.plan.measure_index and self.plan.wants_measurement:
                 self.plan.measure(block, args)
         if index is not None and index < self.count:
             return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)

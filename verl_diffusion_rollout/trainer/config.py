@@ -145,11 +145,9 @@ class ActorConfig:
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"{key}gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if self.checkpoint_blocks is not None:
-            if self.checkpoint_blocks != "auto":
-                if isinstance(self.checkpoint_blocks, str):
-                    raise ValueError(f"{key}checkpoint_blocks must be an int >= 0, auto or null, got "
-                                     f"{self.checkpoint_blocks!r}")
-                _check_int(f"{key}checkpoint_blocks", self.checkpoint_blocks, 0)
+            blocks = self.checkpoint_blocks
+            if blocks != "auto" and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0):
+                raise ValueError(f"{key}checkpoint_blocks must be an int >= 0, auto or null, got {blocks!r}")
             if not self.gradient_checkpointing:
                 raise ValueError(f"{key}checkpoint_blocks={self.checkpoint_blocks} needs "
                                  f"{key}gradient_checkpointing=true (without it no block is recomputed); to keep "
@@ -438,6 +436,12 @@ class FlowGRPOConfig:
                 f"data.samples_per_step={samples}"
             )
         actor.micro_batch_size, actor.mini_batch_size = micro, mini
+        if actor.checkpoint_blocks == "auto" and actor.ulysses_sequence_parallel_size > 1:
+            raise ValueError(
+                "actor_rollout_ref.actor.checkpoint_blocks=auto lets each worker choose its own recomputed blocks, but "
+                f"with actor_rollout_ref.actor.ulysses_sequence_parallel_size={actor.ulysses_sequence_parallel_size} "
+                "a block's all-to-alls must run on every worker of a group alike: set a number of blocks (or null)"
+            )
         if actor.checkpoint_blocks == "auto" and rollout.device is not None and not str(rollout.device).startswith("cuda"):
             raise ValueError(
                 "actor_rollout_ref.actor.checkpoint_blocks=auto plans from the CUDA allocator's memory; "

@@ -65,7 +65,10 @@ class SharedPolicy:
         _check_vanilla_lora(lora_config)
         blocks = list(getattr(transformer, "transformer_blocks", []))
         if checkpoint_blocks == "auto":
-            # before the adapter: a CPU policy is refused with nothing changed
+            # before the adapter: a CPU policy or one without blocks is refused with nothing changed
+            if not blocks:
+                raise ValueError(f"actor_rollout_ref.actor.checkpoint_blocks=auto plans transformer_blocks; "
+                                 f"{type(transformer).__name__} has none")
             device = next(transformer.parameters()).device
             plan = MemoryPlan.for_device(device, len(blocks), checkpoint_memory_fraction)
         elif checkpoint_blocks is not None and not 0 <= checkpoint_blocks <= len(blocks):
