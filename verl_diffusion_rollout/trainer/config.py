@@ -78,8 +78,9 @@ class ActorConfig:
     them; ``checkpoint_blocks`` (with it) recomputes only the first N blocks and keeps the rest, a step between the
     two for a GPU with memory to spare (each kept block saves one block forward per replayed step; ``None``: all).
     ``checkpoint_blocks: auto`` (CUDA) chooses N at every forward: as few recomputed blocks as keep the forward and
-    its backward within ``checkpoint_memory_fraction`` (default 0.85) of the GPU's memory, the activations per
-    kept block measured once on the device; a GPU with room for all of them recomputes none.
+    its backward within ``checkpoint_memory_fraction`` (default 0.85) of the memory the process can reach on the GPU,
+    the activations per kept block measured once on the device; a GPU with room for all of them recomputes none.
+    Refused with ``ulysses_sequence_parallel_size > 1`` (each worker would choose its own blocks).
     ``activation_memory_budget`` (with ``rollout.compile`` and without ``gradient_checkpointing``): the compiled
     blocks keep at most this fraction (0..1) of the activations they would keep for backward and recompute the
     rest, cheapest first (AOT autograd's partitioner, process-wide); ``None`` leaves torch's default (1).
